@@ -1,0 +1,159 @@
+// lrp_scratch._C: operator schemas, the CPU kernels, and the Python module the package imports.
+//
+// stabilized_div(num, den, eps) = num / (den + eps * s(den)), s(z) = +1 for z >= 0 (sign(0) := +1)
+// and -1 for z < 0; where the stabilised denominator is exactly zero (only possible with eps == 0
+// and den == 0) the result is 0, so a zero denominator passes no relevance instead of NaN/inf.
+// Half and bfloat16 are computed in float and rounded once.
+
+#include "lrp_ops.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+namespace lrp_scratch {
+
+void check_stabilized_div_args(const at::Tensor& num, const at::Tensor& den, double eps) {
+  TORCH_CHECK(num.device() == den.device(), "stabilized_div: num and den must be on the same device, got ",
+              num.device(), " and ", den.device());
+  TORCH_CHECK(num.scalar_type() == den.scalar_type(), "stabilized_div: num and den must have the same dtype, got ",
+              num.scalar_type(), " and ", den.scalar_type(), "; cast one of them with .to(other.dtype)");
+  TORCH_CHECK(at::isFloatingType(num.scalar_type()),
+              "stabilized_div: expected a floating dtype (float16, bfloat16, float32, float64), got ", num.scalar_type());
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, "stabilized_div: eps must be finite and >= 0, got ", eps);
+}
+
+std::vector<int64_t> stabilized_div_shape(const at::Tensor& num, const at::Tensor& den) {
+  auto shape = at::infer_size(num.sizes(), den.sizes());  // raises a clear error when not broadcastable
+  return std::vector<int64_t>(shape.begin(), shape.end());
+}
+
+namespace {
+
+// One element, in the precision T (float for half/bfloat16). The division is unconditional and the
+// select comes after it, so the compiler can if-convert and vectorise the loop (x/0 never traps).
+template <typename T>
+inline T stab_div_one(T n, T d, T e) {
+  const T q = d >= T(0) ? d + e : d - e;
+  const T r = n / q;
+  return q == T(0) ? T(0) : r;
+}
+
+// Contiguous float/double loops. On x86-64 with GCC they are compiled for AVX2 and AVX-512 as well
+// as the baseline, and the loader picks the widest the CPU has (function multi-versioning), so a
+// wheel built anywhere runs everywhere and still uses the vector units it finds.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define LRP_SCRATCH_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define LRP_SCRATCH_MULTIVERSION
+#endif
+
+LRP_SCRATCH_MULTIVERSION
+void stab_div_contig_f32(const float* __restrict n, const float* __restrict d, float* __restrict o, int64_t len,
+                         float e) {
+  for (int64_t i = 0; i < len; ++i) o[i] = stab_div_one<float>(n[i], d[i], e);
+}
+
+LRP_SCRATCH_MULTIVERSION
+void stab_div_contig_f64(const double* __restrict n, const double* __restrict d, double* __restrict o, int64_t len,
+                         double e) {
+  for (int64_t i = 0; i < len; ++i) o[i] = stab_div_one<double>(n[i], d[i], e);
+}
+
+template <typename scalar_t>
+void stab_div_contig(const scalar_t* n, const scalar_t* d, scalar_t* o, int64_t len, double eps) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    stab_div_contig_f32(n, d, o, len, static_cast<float>(eps));
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    stab_div_contig_f64(n, d, o, len, eps);
+  } else {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t e = static_cast<opmath_t>(eps);
+    for (int64_t i = 0; i < len; ++i)
+      o[i] = static_cast<scalar_t>(stab_div_one<opmath_t>(static_cast<opmath_t>(n[i]), static_cast<opmath_t>(d[i]), e));
+  }
+}
+
+// Elements per task of at::parallel_for: small tensors stay on the calling thread.
+constexpr int64_t kGrain = 32768;
+
+at::Tensor stabilized_div_cpu(const at::Tensor& num, const at::Tensor& den, double eps) {
+  check_stabilized_div_args(num, den, eps);
+  const auto shape = stabilized_div_shape(num, den);
+  at::Tensor out = at::empty(shape, num.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+
+  if (num.sizes() == den.sizes() && num.is_contiguous() && den.is_contiguous()) {
+    // Fast path (the usual case in LRP): one pass over three flat arrays, split across threads.
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, num.scalar_type(), "stabilized_div_cpu", [&] {
+      const scalar_t* n = num.const_data_ptr<scalar_t>();
+      const scalar_t* d = den.const_data_ptr<scalar_t>();
+      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, out.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        stab_div_contig<scalar_t>(n + begin, d + begin, o + begin, end - begin, eps);
+      });
+    });
+    return out;
+  }
+
+  // General path: broadcasting and arbitrary strides through TensorIterator (also split across threads).
+  auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(num).add_const_input(den).build();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, num.scalar_type(), "stabilized_div_cpu_strided", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t e = static_cast<opmath_t>(eps);
+    iter.for_each(
+        [e](char** data, const int64_t* strides, int64_t size0, int64_t size1) {
+          for (int64_t j = 0; j < size1; ++j) {
+            char* o = data[0] + j * strides[3];
+            const char* n = data[1] + j * strides[4];
+            const char* d = data[2] + j * strides[5];
+            for (int64_t i = 0; i < size0; ++i) {
+              const opmath_t nv = static_cast<opmath_t>(*reinterpret_cast<const scalar_t*>(n + i * strides[1]));
+              const opmath_t dv = static_cast<opmath_t>(*reinterpret_cast<const scalar_t*>(d + i * strides[2]));
+              *reinterpret_cast<scalar_t*>(o + i * strides[0]) = static_cast<scalar_t>(stab_div_one<opmath_t>(nv, dv, e));
+            }
+          }
+        },
+        kGrain);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lrp_scratch, m) {
+  m.def("stabilized_div(Tensor num, Tensor den, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lrp_scratch, CPU, m) {
+  m.impl("stabilized_div", &stabilized_div_cpu);
+}
+
+}  // namespace lrp_scratch
+
+// The Python module: importing lrp_scratch._C runs the registrations above. It carries no functions
+// (the ops live in torch.ops.lrp_scratch), only a description of how it was built.
+#ifndef LRP_SCRATCH_VARIANT
+#define LRP_SCRATCH_VARIANT "cpu"
+#endif
+#ifndef LRP_SCRATCH_CUDA_ARCHS
+#define LRP_SCRATCH_CUDA_ARCHS ""
+#endif
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "lrp_scratch compiled kernels", -1, nullptr};
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+  if (PyModule_AddStringConstant(m, "variant", LRP_SCRATCH_VARIANT) < 0 ||
+      PyModule_AddStringConstant(m, "cuda_archs", LRP_SCRATCH_CUDA_ARCHS) < 0 ||
+      PyModule_AddIntConstant(m, "parallel_openmp", AT_PARALLEL_OPENMP) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}
