@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""LRP speed (and peak memory) against the plain input gradient and against Zennit, measured in one run.
+
+    python bench/lrp.py                       # both cases, speed
+    python bench/lrp.py --case vgg11 --reps 7 # one case
+    python bench/lrp.py --memory              # peak memory of one call per method, each in a fresh process
+
+Cases: VGG11 on 3x32x32, batch 64, and VGG16 on 3x224x224, batch 8 (random weights, eval mode, float32). The
+baseline is the plain input gradient of the same model and batch (one forward and one backward: the cost floor of
+any backpropagation-based explanation). Every repeat runs every method once, in a rotated order; reported are the
+median time and the median over repeats of (method time / gradient time in the same repeat). Zennit and Captum
+run when installed (they are optional; Captum's LRP is measured with its default rules).
+"""
+import argparse, gc, json, os, statistics, subprocess, sys, time
+
+import torch
+import torch.nn as nn
+
+from lrp_scratch.lrp import LRPModel, EpsilonPlusFlat, Uniform, Epsilon, classic
+
+CASES = {"vgg11": ("vgg11", 10, 32, 64), "vgg16": ("vgg16", 1000, 224, 8)}
+
+
+def make_model(case):
+    name, n_classes, size, bs = CASES[case]
+    torch.manual_seed(0)
+    if name == "vgg11":
+        try:
+            from lrp_scratch.models import VGG11
+            model, src = VGG11(n_classes=n_classes), "lrp_scratch VGG11"
+        except ImportError:
+            import torchvision
+            model, src = torchvision.models.vgg11(num_classes=n_classes), "torchvision vgg11"
+    else:
+        import torchvision
+        model, src = torchvision.models.vgg16(num_classes=n_classes), "torchvision vgg16"
+    model.eval()
+    x = torch.rand(bs, 3, size, size)
+    return model, x, src
+
+
+def methods(model, x):
+    "name -> zero-argument function computing one explanation of the batch."
+    out = {}
+
+    def gradient():
+        xg = x.detach().requires_grad_()
+        y = model(xg)
+        (g,) = torch.autograd.grad(y, xg, torch.zeros_like(y).scatter(1, y.argmax(1, keepdim=True), 1.0))
+        return g
+    out["gradient"] = gradient
+    ours = {"ours EpsilonPlusFlat": (EpsilonPlusFlat(), 0.0, "pred"), "ours classic top_k=0.02": (classic(), 0.02, None),
+            "ours classic top_k=0": (classic(), 0.0, None), "ours epsilon everywhere": (Uniform(Epsilon(1e-6)), 0.0, "pred")}
+    for name, (comp, top_k, target) in ours.items():
+        lrp = LRPModel(model, composite=comp, top_k=top_k)
+        out[name] = (lambda lrp=lrp, target=target: lrp.explain(x, target=target)[0])
+    try:
+        import zennit.composites as zc
+        from zennit.attribution import Gradient
+        zmodel = model
+        comp = zc.EpsilonPlusFlat()
+        attributor = Gradient(zmodel, comp)
+        attributor.__enter__()  # registered once: steady-state use, as inside `with Gradient(...)`
+
+        def zennit_epf():
+            y = zmodel(x)
+            seed = torch.zeros_like(y).scatter(1, y.argmax(1, keepdim=True), 1.0)
+            return attributor(x, seed)[1]
+        out["zennit EpsilonPlusFlat"] = zennit_epf
+        out["_zennit_exit"] = attributor
+    except ImportError:
+        pass
+    try:
+        from captum.attr import LRP as CaptumLRP
+        cap = CaptumLRP(model)
+        out["captum LRP (defaults)"] = lambda: cap.attribute(x, target=model(x).argmax(1))
+    except ImportError:
+        pass
+    return out
+
+
+def run_speed(case, reps, warmup):
+    model, x, src = make_model(case)
+    ms = methods(model, x)
+    exit_ctx = ms.pop("_zennit_exit", None)
+    names = list(ms)
+    # zennit's hooks are registered on the shared model: the other methods must not run under them
+    if exit_ctx is not None:
+        exit_ctx.__exit__(None, None, None)
+        zen = ms.pop("zennit EpsilonPlusFlat")
+        import zennit.composites as zc
+        from zennit.attribution import Gradient
+
+        def zen_call():
+            with Gradient(model, zc.EpsilonPlusFlat()) as attributor:
+                y = model(x)
+                seed = torch.zeros_like(y).scatter(1, y.argmax(1, keepdim=True), 1.0)
+                return attributor(x, seed)[1]
+        ms["zennit EpsilonPlusFlat"] = zen_call
+    names = list(ms)
+    times = {n: [] for n in names}
+    for _ in range(warmup):
+        for n in names: ms[n]()
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for n in order:
+            gc.collect()
+            t0 = time.perf_counter(); ms[n](); times[n].append(time.perf_counter() - t0)
+    g = times["gradient"]
+    print(f"\n{case}: {src}, input {tuple(x.shape)}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"{reps} repeats (median)")
+    print(f"{'method':28} {'median s':>9} {'img/s':>8} {'x gradient (paired)':>20}")
+    rows = {}
+    for n in names:
+        med = statistics.median(times[n])
+        paired = statistics.median(t / gt for t, gt in zip(times[n], g))
+        rows[n] = dict(median_s=med, img_s=len(x) / med, x_gradient=paired)
+        print(f"{n:28} {med:9.3f} {len(x) / med:8.1f} {paired:20.2f}")
+    z = rows.get("zennit EpsilonPlusFlat")
+    if z: print(f"ours EpsilonPlusFlat is {z['median_s'] / rows['ours EpsilonPlusFlat']['median_s']:.2f}x faster than Zennit's")
+    return rows
+
+
+MEM_CHILD = r"""
+import sys, gc, torch
+sys.path.insert(0, {bench!r})
+import lrp as B
+model, x, _ = B.make_model({case!r})
+ms = B.methods(model, x)
+ctx = ms.pop('_zennit_exit', None)
+if ctx is not None: ctx.__exit__(None, None, None)
+name = {name!r}
+if name == 'zennit EpsilonPlusFlat':
+    import zennit.composites as zc
+    from zennit.attribution import Gradient
+    def f():
+        with Gradient(model, zc.EpsilonPlusFlat()) as a:
+            y = model(x); return a(x, torch.zeros_like(y).scatter(1, y.argmax(1, keepdim=True), 1.0))[1]
+else: f = ms[name]
+f(); gc.collect()  # first call: caches (ours: modified parameters) are set up here, and counted below as 'setup'
+def rss():
+    for l in open('/proc/self/status'):
+        if l.startswith('VmRSS'): return int(l.split()[1]) / 1024
+open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM)
+base = rss()
+for _ in range(2): f()
+peak = [int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0]
+print(peak - base)
+"""
+
+
+def run_memory(case):
+    model, x, _ = make_model(case)
+    names = [n for n in methods(model, x) if not n.startswith("_")]
+    bench = os.path.dirname(os.path.abspath(__file__))
+    print(f"\n{case}: peak resident memory during 2 calls above the level before them (MiB), one process per method, "
+          "after one warm-up call (which sets up caches such as our modified parameters)")
+    res = {}
+    for n in names:
+        # every allocation above 64 KiB is its own mapping, returned to the OS when freed: the resident set then
+        # follows the live tensors instead of what the allocator keeps cached
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        p = subprocess.run([sys.executable, "-c", MEM_CHILD.format(bench=bench, case=case, name=n)], capture_output=True,
+                           text=True, env=env)
+        if p.returncode: print(f"{n:28} failed: {p.stderr[-300:]}"); continue
+        res[n] = float(p.stdout.split()[-1])
+    g = res.get("gradient")
+    for n, v in res.items(): print(f"{n:28} {v:9.0f} MiB {v / g if g else float('nan'):6.2f}x gradient")
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", choices=list(CASES) + ["all"], default="all")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--json", help="also write the results to this file")
+    a = ap.parse_args()
+    cases = list(CASES) if a.case == "all" else [a.case]
+    res = {c: (run_memory(c) if a.memory else run_speed(c, a.reps, a.warmup)) for c in cases}
+    if a.json:
+        with open(a.json, "w") as f: json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
