@@ -35,6 +35,11 @@ def main():
     if out.exists(): shutil.rmtree(out)
     out.mkdir(parents=True)
     nbs = sorted(proc.rglob("*.ipynb"))
+    import json
+    for nb in nbs:  # nbdev marks show_doc cells with a key that nbformat's schema does not allow: drop it
+        d = json.loads(nb.read_text(encoding="utf-8"))
+        for c in d["cells"]: c.pop("has_sd", None)
+        nb.write_text(json.dumps(d), encoding="utf-8")
     subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "--output-dir", str(out),
                     *map(str, nbs)], check=True)
     pages = sorted(out.glob("*.html"))
