@@ -95,9 +95,9 @@ def extension_modules():
     # -fno-trapping-math lets GCC vectorise the branch-free division of kernels/lrp_ops.cpp for every ISA.
     cxx = opt + ["-fno-trapping-math"]
     if sys.platform != "darwin": cxx.append("-fopenmp")  # at::parallel_for is single-threaded without it
-    sources = ["kernels/lrp_ops.cpp"]
+    sources = ["kernels/lrp_ops.cpp", "kernels/lrp_filter.cpp"]
     if use_cuda:
-        sources += ["kernels/lrp_ops_cuda.cu"]
+        sources += ["kernels/lrp_ops_cuda.cu", "kernels/lrp_filter_cuda.cu"]
         macros.append(("LRP_SCRATCH_WITH_CUDA", None))
         ext = CUDAExtension("lrp_scratch._C", sources, define_macros=macros,
                             extra_compile_args={"cxx": cxx, "nvcc": opt + ["--expt-relaxed-constexpr"]},

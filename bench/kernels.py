@@ -1,28 +1,45 @@
 #!/usr/bin/env python3
-"""Compiled kernels vs their pure-PyTorch references, timed in the same run.
+"""Compiled kernels vs their pure-PyTorch formulations, timed in the same run; and the LRP profile.
 
-    python bench/kernels.py [--device cpu|cuda] [--reps 30] [--threads N]
+    python bench/kernels.py [--op all|stabilized_div|relevance_filter|filtered_stabilized_div|mul_sum_channels]
+                            [--device cpu|cuda] [--reps 30] [--threads N] [--dtype float32]
+    python bench/kernels.py --profile [--threads N]   # torch.profiler on LRP, engine as is vs with the filter kernel
 
-For each op and size (sizes of tensors that occur in LRP on VGG16 at 224x224 and VGG11 at 32x32), the two
-implementations are timed interleaved (kernel, reference, kernel, ...) and the medians compared:
-ratio = reference time / kernel time (> 1: the kernel is faster). A second baseline, `floor`, is the cheapest
-PyTorch expression of the same shape of work, `num / (den + eps)` (two ops, no sign, no zero guard: not a
-correct replacement, a lower bound for any PyTorch formulation). Absolute times are only indicative on a
+One table per op. For each size (tensors that occur in LRP on VGG16 at 224x224 and VGG11 at 32x32), the
+implementations are timed interleaved (kernel, baseline, ..., kernel, ...) and the medians compared:
+ratio = baseline time / kernel time (> 1: the kernel is faster). Baselines:
+- stabilized_div: the reference `stabilized_div_ref`, and `floor` = `num / (den + eps)` (two ops, no sign, no zero
+  guard: not a correct replacement, a lower bound for any PyTorch formulation).
+- relevance_filter: `topk+scatter` = `topk` + `zeros_like` + `scatter` (the fastest PyTorch formulation; its ties are
+  unspecified, so it is a lower bound), and the exact reference `relevance_filter_ref`. k = 2% of a sample (top_k=0.02).
+- filtered_stabilized_div: `topk+scatter` then `stabilized_div_ref` (the pure-PyTorch floor), the exact reference, and
+  the two compiled kernels one after the other (`unfused`: what fusing itself saves).
+- mul_sum_channels: `(a*c).sum(1)` (the reference) and `einsum`.
+The relevance is random with half of it exactly 0 (as after a ReLU). Absolute times are only indicative on a
 shared CPU machine; the ratios are what to read.
 """
 import argparse, statistics, time
 
 import torch
 
-from lrp_scratch.kernels import build_info, stabilized_div, stabilized_div_ref, kernels_active
+import lrp_scratch.kernels as K
+from lrp_scratch.kernels import build_info, kernels_active
 
-SIZES = {  # name: shape (batch, channels, height, width)
+VGG_SIZES = {  # name: shape (batch, channels, height, width)
     "vgg16-224 conv1_2 out, bs 1": (1, 64, 224, 224),
+    "vgg16-224 conv1_2 out, bs 8": (8, 64, 224, 224),
     "vgg16-224 conv3_3 out, bs 8": (8, 256, 56, 56),
     "vgg16-224 conv5_3 out, bs 8": (8, 512, 14, 14),
     "vgg11-32 conv1 out, bs 64": (64, 64, 32, 32),
     "vgg11-32 conv5 out, bs 64": (64, 512, 4, 4),
+    "vgg11-32 conv8 out, bs 64": (64, 512, 2, 2),
     "vgg11-32 classifier, bs 64": (64, 4096),
+}
+INPUT_SIZES = {  # the first layer's input: where LRPModel.forward sums the relevance over channels
+    "vgg16-224 input, bs 1": (1, 3, 224, 224),
+    "vgg16-224 input, bs 8": (8, 3, 224, 224),
+    "vgg11-32 input, bs 64": (64, 3, 32, 32),
+    "vgg11-32 conv1 out, bs 64": (64, 64, 32, 32),
 }
 
 
@@ -33,7 +50,7 @@ def timeit(f, sync):
 
 def bench(fs, reps, sync):
     "Median time of each function in `fs`, timed interleaved."
-    for _ in range(3):
+    for _ in range(2):
         for f in fs: f()
     ts = [[] for _ in fs]
     for _ in range(reps):
@@ -41,31 +58,148 @@ def bench(fs, reps, sync):
     return [statistics.median(t) for t in ts]
 
 
+def reps_for(numel, reps):
+    "Fewer repeats for the largest sizes (their baselines take a good fraction of a second)."
+    return max(5, min(reps, int(reps * 2e6 / max(numel, 1)))) if numel > 2e6 else reps
+
+
+def table(title, cols, rows, gm):
+    print(f"\n{title}")
+    print(f"{'size':30} {'elements':>10} " + " ".join(f"{c:>12}" for c in cols))
+    for label, n, vals in rows: print(f"{label:30} {n:>10} " + " ".join(f"{v:>12}" for v in vals))
+    print("geometric mean: " + ", ".join(f"{statistics.geometric_mean(v):.2f}x {name}" for name, v in gm.items()))
+
+
+def topk_scatter(r, k):
+    flat = r.reshape(r.shape[0], -1)
+    v, i = flat.topk(k, dim=1, sorted=False)
+    return torch.zeros_like(flat).scatter_(1, i, v).reshape(r.shape)
+
+
+def relevance(shape, g, dev, dtype):
+    r = torch.randn(shape, generator=g, device=dev).relu_() * torch.rand(shape, generator=g, device=dev)
+    return r.to(dtype)
+
+
+def run_stabilized_div(a, dev, dtype, sync, g):
+    rows, ratios, floors = [], [], []
+    for label, shape in VGG_SIZES.items():
+        n = torch.randn(shape, generator=g, device=dev).to(dtype)
+        d = torch.randn(shape, generator=g, device=dev).to(dtype)
+        tk, tr, tf = bench([lambda: K.stabilized_div(n, d, 1e-6), lambda: K.stabilized_div_ref(n, d, 1e-6),
+                            lambda: torch.div(n, d + 1e-6)], reps_for(n.numel(), a.reps), sync)
+        ratios.append(tr / tk); floors.append(tf / tk)
+        rows.append((label, n.numel(), [f"{tk*1e3:.3f}", f"{tr*1e3:.3f}", f"{tf*1e3:.3f}", f"{tr/tk:.2f}x", f"{tf/tk:.2f}x"]))
+    table("stabilized_div (ms; ratio = baseline / kernel)", ["kernel", "reference", "floor", "vs ref", "vs floor"],
+          rows, {"vs the reference": ratios, "vs the floor": floors})
+
+
+def run_relevance_filter(a, dev, dtype, sync, g):
+    rows, r_topk, r_ref = [], [], []
+    for label, shape in VGG_SIZES.items():
+        r = relevance(shape, g, dev, dtype)
+        k = max(1, int(0.02 * r[0].numel()))
+        tk, tt, tr = bench([lambda: K.relevance_filter(r, k), lambda: topk_scatter(r, k), lambda: K.relevance_filter_ref(r, k)],
+                           reps_for(r.numel(), a.reps), sync)
+        r_topk.append(tt / tk); r_ref.append(tr / tk)
+        rows.append((label, r.numel(), [f"{k}", f"{tk*1e3:.3f}", f"{tt*1e3:.3f}", f"{tr*1e3:.3f}", f"{tt/tk:.2f}x", f"{tr/tk:.2f}x"]))
+    table("relevance_filter, k = 2% per sample (ms; ratio = baseline / kernel; target >= 3x vs topk+scatter)",
+          ["k", "kernel", "topk+scatter", "reference", "vs topk", "vs ref"], rows,
+          {"vs topk+scatter": r_topk, "vs the reference": r_ref})
+
+
+def run_filtered_stabilized_div(a, dev, dtype, sync, g):
+    rows, r_floor, r_ref, r_unf = [], [], [], []
+    for label, shape in VGG_SIZES.items():
+        r = relevance(shape, g, dev, dtype)
+        z = torch.randn(shape, generator=g, device=dev).to(dtype)
+        k = max(1, int(0.02 * r[0].numel()))
+        fs = [lambda: K.filtered_stabilized_div(r, z, 1e-6, k),
+              lambda: K.stabilized_div_ref(topk_scatter(r, k), z, 1e-6),
+              lambda: K.filtered_stabilized_div_ref(r, z, 1e-6, k),
+              lambda: K.stabilized_div(K.relevance_filter(r, k), z, 1e-6)]
+        tk, tf, tr, tu = bench(fs, reps_for(r.numel(), a.reps), sync)
+        r_floor.append(tf / tk); r_ref.append(tr / tk); r_unf.append(tu / tk)
+        rows.append((label, r.numel(), [f"{tk*1e3:.3f}", f"{tf*1e3:.3f}", f"{tr*1e3:.3f}", f"{tu*1e3:.3f}",
+                                        f"{tf/tk:.2f}x", f"{tr/tk:.2f}x", f"{tu/tk:.2f}x"]))
+    table("filtered_stabilized_div, k = 2% (ms; ratio = baseline / kernel; target >= 2x vs PyTorch)",
+          ["fused", "topk+div", "reference", "unfused", "vs topk+div", "vs ref", "vs unfused"], rows,
+          {"vs topk+scatter+div": r_floor, "vs the reference": r_ref, "vs the two kernels": r_unf})
+
+
+def run_mul_sum_channels(a, dev, dtype, sync, g):
+    rows, r_ref, r_ein = [], [], []
+    for label, shape in INPUT_SIZES.items():
+        x = torch.randn(shape, generator=g, device=dev).to(dtype)
+        c = torch.randn(shape, generator=g, device=dev).to(dtype)
+        tk, tr, te = bench([lambda: K.mul_sum_channels(x, c), lambda: (x * c).sum(1),
+                            lambda: torch.einsum("nchw,nchw->nhw", x, c)], reps_for(x.numel(), a.reps), sync)
+        r_ref.append(tr / tk); r_ein.append(te / tk)
+        rows.append((label, x.numel(), [f"{tk*1e3:.3f}", f"{tr*1e3:.3f}", f"{te*1e3:.3f}", f"{tr/tk:.2f}x", f"{te/tk:.2f}x"]))
+    table("mul_sum_channels (ms; ratio = baseline / kernel; target >= 2x)", ["kernel", "(a*c).sum(1)", "einsum", "vs ref", "vs einsum"],
+          rows, {"vs (a*c).sum(1)": r_ref, "vs einsum": r_ein})
+
+
+OPS = {"stabilized_div": run_stabilized_div, "relevance_filter": run_relevance_filter,
+       "filtered_stabilized_div": run_filtered_stabilized_div, "mul_sum_channels": run_mul_sum_channels}
+
+
+def profile_lrp(a):
+    "Self CPU time of the top ops of LRP, as the engine is and with its filter replaced by the kernel."
+    import torchvision
+    from torch.profiler import ProfilerActivity, profile
+    import lrp_scratch.lrp as L
+    from lrp_scratch.models import VGG11
+
+    engine_filter = L.relevance_filter
+
+    def kernel_filter(r, top_k, renormalize=False):  # what wiring the kernel into the engine amounts to
+        if renormalize or top_k == 0 or r.numel() == 0: return engine_filter(r, top_k, renormalize)
+        return K.relevance_filter(r, max(1, int(top_k * r[0].numel())))
+
+    torch.manual_seed(0)
+    cases = {"VGG16 224x224, batch 2, classic(), top_k=0.02":
+             (L.LRPModel(torchvision.models.vgg16().eval(), composite=L.classic(), top_k=0.02), torch.rand(2, 3, 224, 224)),
+             "VGG11 32x32, batch 64, EpsilonPlusFlat()":
+             (L.LRPModel(VGG11(n_classes=10).eval(), composite=L.EpsilonPlusFlat()), torch.rand(64, 3, 32, 32))}
+    for name, (lrp, x) in cases.items():
+        for variant, filt in (("engine as is", engine_filter), ("with the relevance_filter kernel", kernel_filter)):
+            if variant != "engine as is" and not lrp.top_k: continue
+            L.relevance_filter = filt
+            try:
+                lrp(x)  # warm up (parameter cache)
+                walls = []
+                for _ in range(3):
+                    t0 = time.perf_counter(); lrp(x); walls.append(time.perf_counter() - t0)
+                with profile(activities=[ProfilerActivity.CPU]) as p: lrp(x)
+            finally:
+                L.relevance_filter = engine_filter
+            print(f"\n{name}: {variant}; LRPModel(...)(x) wall time {statistics.median(walls):.3f} s (median of 3), "
+                  f"{torch.get_num_threads()} threads")
+            print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--op", default="all", choices=["all", *OPS])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    ap.add_argument("--profile", action="store_true", help="profile LRP (VGG16 classic top_k=0.02, VGG11 EpsilonPlusFlat)")
+    ap.add_argument("--rows", type=int, default=15, help="rows of each profile table")
     a = ap.parse_args()
     if a.threads: torch.set_num_threads(a.threads)
+    if a.profile: return profile_lrp(a)
     dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
     if not kernels_active(dev): raise SystemExit(f"no compiled kernel for {dev}: {build_info()}")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"stabilized_div, {a.dtype}, {name}, torch {torch.__version__}, median of {a.reps}")
-    print(f"{'size':32} {'elements':>10} {'kernel ms':>10} {'ref ms':>10} {'floor ms':>10} {'ratio':>7} {'vs floor':>9}")
-    ratios, floors = [], []
-    g = torch.Generator(device=dev).manual_seed(0)
-    for label, shape in SIZES.items():
-        n = torch.randn(shape, generator=g, device=dev).to(dtype)
-        d = torch.randn(shape, generator=g, device=dev).to(dtype)
-        tk, tr, tf = bench([lambda: stabilized_div(n, d, 1e-6), lambda: stabilized_div_ref(n, d, 1e-6),
-                            lambda: torch.div(n, d + 1e-6)], a.reps, sync)
-        ratios.append(tr / tk); floors.append(tf / tk)
-        print(f"{label:32} {n.numel():>10} {tk*1e3:>10.3f} {tr*1e3:>10.3f} {tf*1e3:>10.3f} {tr/tk:>6.2f}x {tf/tk:>8.2f}x")
-    print(f"geometric mean: {statistics.geometric_mean(ratios):.2f}x vs the reference, "
-          f"{statistics.geometric_mean(floors):.2f}x vs the floor (baseline time / kernel time)")
+    print(f"{a.dtype}, {name}, torch {torch.__version__}, median of up to {a.reps} interleaved repeats")
+    for op, run in OPS.items():
+        if a.op in ("all", op):
+            if not kernels_active(dev, op): print(f"\n{op}: no compiled kernel for {dev}, skipped"); continue
+            run(a, dev, dtype, sync, torch.Generator(device=dev).manual_seed(0))
 
 
 if __name__ == "__main__":

@@ -35,24 +35,6 @@ std::vector<int64_t> stabilized_div_shape(const at::Tensor& num, const at::Tenso
 
 namespace {
 
-// One element, in the precision T (float for half/bfloat16). The division is unconditional and the
-// select comes after it, so the compiler can if-convert and vectorise the loop (x/0 never traps).
-template <typename T>
-inline T stab_div_one(T n, T d, T e) {
-  const T q = d >= T(0) ? d + e : d - e;
-  const T r = n / q;
-  return q == T(0) ? T(0) : r;
-}
-
-// Contiguous float/double loops. On x86-64 with GCC they are compiled for AVX2 and AVX-512 as well
-// as the baseline, and the loader picks the widest the CPU has (function multi-versioning), so a
-// wheel built anywhere runs everywhere and still uses the vector units it finds.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define LRP_SCRATCH_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define LRP_SCRATCH_MULTIVERSION
-#endif
-
 LRP_SCRATCH_MULTIVERSION
 void stab_div_contig_f32(const float* __restrict n, const float* __restrict d, float* __restrict o, int64_t len,
                          float e) {

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['HAS_C', 'KERNEL_DEVICES', 'build_info', 'use_reference', 'reference_kernels', 'kernels_active', 'stabilized_div_ref',
-           'stabilized_div']
+__all__ = ['HAS_C', 'OPS', 'OP_DEVICES', 'KERNEL_DEVICES', 'build_info', 'use_reference', 'reference_kernels', 'kernels_active',
+           'stabilized_div_ref', 'stabilized_div', 'relevance_filter_ref', 'relevance_filter',
+           'filtered_stabilized_div_ref', 'filtered_stabilized_div', 'mul_sum_channels_ref', 'mul_sum_channels']
 
 # %% ../nbs/02_kernels.ipynb #618cc3dd
 def _load_extension():
@@ -26,22 +27,26 @@ if not HAS_C and os.environ.get('LRP_SCRATCH_REQUIRE_C') == '1':
     raise ImportError(f"LRP_SCRATCH_REQUIRE_C=1 but lrp_scratch._C could not be loaded ({_C_MISSING}). Build it with "
                       "`pip install -e . --no-build-isolation` (torch installed first) or `python setup.py build_ext --inplace`.")
 
-# %% ../nbs/02_kernels.ipynb #6abe4b57
-def _kernel_devices() -> set:
-    "Device types the loaded extension has kernels for."
+# %% ../nbs/02_kernels.ipynb #3e64249c
+def _op_devices(name: str) -> set:
+    "Device types the loaded extension has a kernel of `lrp_scratch::<name>` for."
     if not HAS_C: return set()
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return {d for d, key in (('cpu', 'CPU'), ('cuda', 'CUDA')) if has('lrp_scratch::stabilized_div', key)}
+    try: return {d for d, key in (('cpu', 'CPU'), ('cuda', 'CUDA')) if has(f'lrp_scratch::{name}', key)}
+    except RuntimeError: return set()  # an older build without this op
 
-KERNEL_DEVICES = _kernel_devices()
+OPS = ('stabilized_div', 'relevance_filter', 'filtered_stabilized_div', 'mul_sum_channels')
+OP_DEVICES = {name: _op_devices(name) for name in OPS}  # op -> device types with a compiled kernel
+KERNEL_DEVICES = OP_DEVICES['stabilized_div']
 
 def build_info() -> dict:
     "How the extension was built, and whether it is used."
     if not HAS_C: return dict(loaded=False, reason=_C_MISSING, variant=None, devices=[], reference_forced=_state.reference)
     return dict(loaded=True, variant=_C.variant, cuda_archs=_C.cuda_archs, openmp=bool(_C.parallel_openmp),
-                devices=sorted(KERNEL_DEVICES), file=Path(_C.__file__).name, reference_forced=_state.reference)
+                devices=sorted(KERNEL_DEVICES), ops={n: sorted(d) for n, d in OP_DEVICES.items()},
+                file=Path(_C.__file__).name, reference_forced=_state.reference)
 
-# %% ../nbs/02_kernels.ipynb #81b78da2
+# %% ../nbs/02_kernels.ipynb #d4e7034d
 class _KernelState:
     reference: bool = os.environ.get('LRP_SCRATCH_REFERENCE') == '1'
 _state = _KernelState()
@@ -59,9 +64,11 @@ def reference_kernels(on: bool = True):
     try: yield
     finally: use_reference(prev)
 
-def kernels_active(device: str|torch.device = 'cpu') -> bool:
-    "Whether ops on tensors of `device` run the compiled kernels."
-    return HAS_C and not _state.reference and torch.device(device).type in KERNEL_DEVICES
+def kernels_active(device: str|torch.device = 'cpu', # device of the tensors
+                   op: str = 'stabilized_div', # which op (see `OPS`)
+                  ) -> bool:
+    "Whether `op` on tensors of `device` runs its compiled kernel."
+    return HAS_C and not _state.reference and torch.device(device).type in OP_DEVICES.get(op, ())
 
 # %% ../nbs/02_kernels.ipynb #f968474e
 def _check_stabilized_div_args(num, den, eps):
@@ -124,3 +131,136 @@ def _register_stabilized_div():
     torch.library.register_autograd(name, backward, setup_context=setup_context)
 
 if HAS_C: _register_stabilized_div()
+
+# %% ../nbs/02_kernels.ipynb #e4d3717e
+def _check_filter_args(op, r, k):
+    if not isinstance(r, torch.Tensor): raise TypeError(f"{op}: r must be a tensor, got {type(r).__name__}")
+    if r.dim() < 1: raise ValueError(f"{op}: r must have a batch dimension (N, ...), got a 0-d tensor; use r[None]")
+    if not r.dtype.is_floating_point:
+        raise TypeError(f"{op}: expected a floating dtype (float16, bfloat16, float32, float64), got {r.dtype}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{op}: k must be an int >= 1 (the number of values kept per sample), got {k!r}")
+
+# %% ../nbs/02_kernels.ipynb #bfe8b6b6
+def _filter_keep(flat: torch.Tensor, k: int, op: str = 'relevance_filter') -> torch.Tensor:
+    "Boolean mask (N, M) of the values `relevance_filter` keeps in the rows of `flat`, for k < M."
+    if torch.isnan(flat).any():
+        raise RuntimeError(f"{op}: r contains NaN; NaN has no order, so the k largest values are undefined. "
+                           "Find where the relevance became NaN (e.g. torch.isnan(r).any() per layer).")
+    kth = flat.topk(k, dim=1, sorted=False).values.amin(1, keepdim=True)  # the k-th largest value per row
+    above, tie = flat > kth, flat == kth
+    room = k - above.sum(1, keepdim=True)  # how many of the tied values still fit, lowest index first
+    return above | (tie & (tie.cumsum(1) <= room))
+
+def relevance_filter_ref(r: torch.Tensor, # relevance, (N, ...): one row of values per sample
+                         k: int, # values kept per sample, >= 1
+                        ) -> torch.Tensor:
+    "Pure-PyTorch reference of `relevance_filter`: per sample the k largest values of `r` (ties: lowest index), 0 elsewhere."
+    _check_filter_args('relevance_filter', r, k)
+    r = r.detach()
+    if r.numel() == 0 or k >= r[0].numel(): return r.clone(memory_format=torch.contiguous_format)
+    flat = r.reshape(r.shape[0], -1)
+    return torch.where(_filter_keep(flat, k), flat, torch.zeros((), dtype=r.dtype, device=r.device)).reshape(r.shape)
+
+# %% ../nbs/02_kernels.ipynb #457f0cf6
+def relevance_filter(r: torch.Tensor, # relevance, (N, ...): one row of values per sample
+                     k: int, # values kept per sample, >= 1 (the engine's top_k fraction: k = max(1, int(top_k*M)))
+                    ) -> torch.Tensor:
+    "Per sample keep the k largest values of `r` (ties: lowest index first) and write 0 elsewhere; compiled kernel when available."
+    _check_filter_args('relevance_filter', r, k)
+    if HAS_C and not _state.reference and r.device.type in OP_DEVICES['relevance_filter']:
+        return torch.ops.lrp_scratch.relevance_filter(r.detach(), k)
+    return relevance_filter_ref(r, k)
+
+# %% ../nbs/02_kernels.ipynb #d02e5d71
+def _register_fakes():
+    "Shape functions of the compiled ops without autograd (for torch.compile / fake tensors)."
+    contiguous_like = lambda r, *args: torch.empty_like(r, memory_format=torch.contiguous_format)
+    if 'cpu' in OP_DEVICES['relevance_filter']:
+        torch.library.register_fake('lrp_scratch::relevance_filter')(lambda r, k: contiguous_like(r))
+    if 'cpu' in OP_DEVICES['filtered_stabilized_div']:
+        torch.library.register_fake('lrp_scratch::filtered_stabilized_div')(lambda r, den, eps, k: contiguous_like(r))
+
+if HAS_C: _register_fakes()
+
+# %% ../nbs/02_kernels.ipynb #50f081c7
+def _check_fused_args(r, den, eps, k):
+    _check_filter_args('filtered_stabilized_div', r, k)
+    if not isinstance(den, torch.Tensor): raise TypeError(f"filtered_stabilized_div: den must be a tensor, got {type(den).__name__}")
+    if den.device != r.device:
+        raise ValueError(f"filtered_stabilized_div: r and den must be on the same device, got {r.device} and {den.device}")
+    if den.dtype != r.dtype:
+        raise TypeError(f"filtered_stabilized_div: r and den must have the same dtype, got {r.dtype} and {den.dtype}; "
+                        "cast one of them with .to(other.dtype)")
+    if den.shape != r.shape:
+        raise ValueError(f"filtered_stabilized_div: den must have the shape of r, got {tuple(den.shape)} and {tuple(r.shape)} "
+                         "(it does not broadcast: expand it first)")
+    if isinstance(eps, torch.Tensor) or not isinstance(eps, (int, float)) or not (0 <= eps < float('inf')):
+        raise ValueError(f"filtered_stabilized_div: eps must be a finite Python number >= 0, got {eps!r}")
+
+def filtered_stabilized_div_ref(r: torch.Tensor, # relevance at a layer's output, (N, ...)
+                                den: torch.Tensor, # the layer's output z, r's shape
+                                eps: float, # stabiliser, >= 0
+                                k: int, # values of r kept per sample, >= 1
+                               ) -> torch.Tensor:
+    "Pure-PyTorch reference of `filtered_stabilized_div`: `stabilized_div(relevance_filter(r, k), den, eps)`."
+    _check_fused_args(r, den, eps, k)
+    r, den = r.detach(), den.detach()
+    if r.numel() and k < r[0].numel():
+        flat = r.reshape(r.shape[0], -1)
+        r = torch.where(_filter_keep(flat, k, 'filtered_stabilized_div'), flat, torch.zeros((), dtype=r.dtype, device=r.device)).reshape(r.shape)
+    return stabilized_div_ref(r, den, eps)
+
+def filtered_stabilized_div(r: torch.Tensor, # relevance at a layer's output, (N, ...)
+                            den: torch.Tensor, # the layer's output z, r's shape
+                            eps: float, # stabiliser, >= 0
+                            k: int, # values of r kept per sample, >= 1
+                           ) -> torch.Tensor:
+    "`stabilized_div(relevance_filter(r, k), den, eps)` in one selection pass and one fused pass; compiled kernel when available."
+    _check_fused_args(r, den, eps, k)
+    if HAS_C and not _state.reference and r.device.type in OP_DEVICES['filtered_stabilized_div']:
+        return torch.ops.lrp_scratch.filtered_stabilized_div(r.detach(), den.detach(), float(eps), k)
+    return filtered_stabilized_div_ref(r, den, eps, k)
+
+# %% ../nbs/02_kernels.ipynb #342b71ac
+def _check_msc_args(a, c):
+    if not isinstance(a, torch.Tensor) or not isinstance(c, torch.Tensor):
+        raise TypeError(f"mul_sum_channels: a and c must be tensors, got {type(a).__name__} and {type(c).__name__}")
+    if a.dim() < 2: raise ValueError(f"mul_sum_channels: a and c must be (N, C, ...), got {a.dim()} dimension(s)")
+    if a.device != c.device: raise ValueError(f"mul_sum_channels: a and c must be on the same device, got {a.device} and {c.device}")
+    if a.dtype != c.dtype:
+        raise TypeError(f"mul_sum_channels: a and c must have the same dtype, got {a.dtype} and {c.dtype}; cast one of them with .to(other.dtype)")
+    if not a.dtype.is_floating_point:
+        raise TypeError(f"mul_sum_channels: expected a floating dtype (float16, bfloat16, float32, float64), got {a.dtype}")
+    if a.shape != c.shape: raise ValueError(f"mul_sum_channels: a and c must have the same shape, got {tuple(a.shape)} and {tuple(c.shape)}")
+
+def mul_sum_channels_ref(a: torch.Tensor, # (N, C, ...), e.g. the input of the first layer
+                         c: torch.Tensor, # a's shape, e.g. the gradient (relevance / z) propagated to it
+                        ) -> torch.Tensor:
+    "Pure-PyTorch reference of `mul_sum_channels`: `(a * c).sum(1)` (in float32 for half precision)."
+    _check_msc_args(a, c)
+    if a.dtype in (torch.float16, torch.bfloat16): return (a.float() * c.float()).sum(1).to(a.dtype)
+    return (a * c).sum(1)
+
+def mul_sum_channels(a: torch.Tensor, # (N, C, ...), e.g. the input of the first layer
+                     c: torch.Tensor, # a's shape, e.g. the gradient (relevance / z) propagated to it
+                    ) -> torch.Tensor:
+    "`(a * c).sum(1)` without storing the product; compiled kernel when available."
+    _check_msc_args(a, c)
+    if HAS_C and not _state.reference and a.device.type in OP_DEVICES['mul_sum_channels']:
+        return torch.ops.lrp_scratch.mul_sum_channels(a, c)
+    return mul_sum_channels_ref(a, c)
+
+# %% ../nbs/02_kernels.ipynb #05dcaf06
+def _register_mul_sum_channels():
+    "Shape function and backward of the compiled op."
+    name = 'lrp_scratch::mul_sum_channels'
+    torch.library.register_fake(name)(lambda a, c: a.new_empty(a.shape[:1] + a.shape[2:]))
+    def setup_context(ctx, inputs, output): ctx.save_for_backward(*inputs)
+    def backward(ctx, g):
+        a, c = ctx.saved_tensors
+        g = g.unsqueeze(1)
+        return g * c, g * a
+    torch.library.register_autograd(name, backward, setup_context=setup_context)
+
+if 'cpu' in OP_DEVICES['mul_sum_channels']: _register_mul_sum_channels()
