@@ -6,9 +6,11 @@
 
 Markdown cells are copied; code cells become ```python blocks followed by their saved outputs; cells marked
 `#| hide` are left out and `#|` directives are stripped. The notebook is not executed: its committed outputs
-are used, as the docs site does.
+are used, as the docs site does. Relative links to files in nbs/ (e.g. `images/heatmaps.png`, relative to the
+notebook, as the docs site needs them) are rewritten relative to the repository root (`nbs/images/heatmaps.png`),
+so they work in README.md too.
 """
-import argparse, difflib, json, sys
+import argparse, difflib, json, os, re, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,6 +22,18 @@ def _src(cell): return "".join(cell.get("source", ""))
 
 def _directives(src):
     return [l[3:].strip() for l in src.splitlines() if l.startswith("#|")]
+
+
+_LINK = re.compile(r'(!?\[[^\]]*\]\(|<img [^>]*src=")([^)"\s]+)')
+
+
+def _root_links(md: str, nbs: Path) -> str:
+    "Markdown whose relative links to files under `nbs` point there from the repository root."
+    def fix(m):
+        target = m.group(2)
+        if re.match(r'[a-z]+:|/|#', target) or not (nbs / target.split('#')[0]).is_file(): return m.group(0)
+        return m.group(1) + Path(os.path.relpath(nbs / target, ROOT)).as_posix()
+    return _LINK.sub(fix, md)
 
 
 def _output(o):
@@ -42,7 +56,7 @@ def render(nb_path: Path) -> str:
         if any(d.split(":")[0].strip() in ("hide", "include") and ("false" in d or d == "hide") for d in dirs):
             continue
         if cell["cell_type"] == "markdown":
-            parts.append(src.strip())
+            parts.append(_root_links(src.strip(), nb_path.parent))
         elif cell["cell_type"] == "code":
             code = "\n".join(l for l in src.splitlines() if not l.startswith("#|")).strip()
             if code and not any(d.startswith("echo: false") for d in dirs): parts.append(f"```python\n{code}\n```")

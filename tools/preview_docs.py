@@ -42,6 +42,11 @@ def main():
         nb.write_text(json.dumps(d), encoding="utf-8")
     subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "--output-dir", str(out),
                     *map(str, nbs)], check=True)
+    for f in proc.rglob("*"):  # images and other files the pages link to
+        if f.is_file() and f.suffix not in (".ipynb", ".yml", ".css") and ".quarto" not in f.parts:
+            dest = out / f.relative_to(proc)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest)
     pages = sorted(out.glob("*.html"))
     print("pages:", *[p.name for p in pages], sep="\n  ")
     if a.screenshot:
