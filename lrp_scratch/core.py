@@ -4,13 +4,15 @@
 
 # %% ../nbs/00_core.ipynb #8735939a
 from __future__ import annotations
-import os, random, warnings
+import contextlib, os, random, uuid, warnings
+from pathlib import Path
+from typing import Callable
 import numpy as np
 import torch
 
 # %% auto #0
 __all__ = ['ATOL64', 'RTOL64', 'ATOL32', 'RTOL32', 'ATOL16', 'RTOL16', 'ATOLBF16', 'RTOLBF16', 'TOLERANCES', 'get_device',
-           'seed_everything', 'tolerance']
+           'seed_everything', 'tolerance', 'atomic_write']
 
 # %% ../nbs/00_core.ipynb #bcabff9c
 def get_device(use_gpu: bool|str|torch.device = True, # True: the first GPU if there is one; or a device name/object
@@ -65,3 +67,25 @@ def tolerance(dtype: torch.dtype) -> dict:
     if dtype not in TOLERANCES: raise ValueError(f"no tolerance for {dtype}; known: {', '.join(map(str, TOLERANCES))}")
     atol, rtol = TOLERANCES[dtype]
     return dict(atol=atol, rtol=rtol)
+
+# %% ../nbs/00_core.ipynb #c0a71002
+def atomic_write(path: str|Path, # the file to (over)write; parent folders are created
+                 write: Callable, # write(f): writes the content to the open binary file `f`
+                ) -> Path:
+    "Write `path` through a temporary file in the same folder, fsync and `os.replace`: it is never left half-written."
+    path = Path(path)
+    if path.is_dir(): raise IsADirectoryError(f"{path} is a folder; give a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # make the rename itself durable (POSIX; not possible on every system)
+            fd = os.open(path.parent, os.O_RDONLY)
+            try: os.fsync(fd)
+            finally: os.close(fd)
+    finally:
+        if tmp.exists(): tmp.unlink()
+    return path

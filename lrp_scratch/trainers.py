@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from fastcore.basics import patch
 from fastcore.meta import delegates
-from .core import get_device, seed_everything
+from .core import atomic_write, get_device, seed_everything
 from .loggers import get_logger
 from .loss_funcs import CrossEntropyLoss
 from .optimizers import get_optimizer
@@ -27,15 +27,8 @@ HISTORY_COLUMNS = ('epoch', 'train_loss', 'train_accuracy', 'valid_loss', 'valid
 _INT_COLUMNS = ('epoch', 'skipped')
 
 def _atomic_write_text(path: Path, text: str):
-    "Write `text` to `path` through a temporary file in the same folder and a rename (readers never see half a file)."
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, 'w', encoding='utf-8', newline='') as f:
-            f.write(text)
-            f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
+    "Write `text` (UTF-8) to `path` atomically (readers never see half a file)."
+    atomic_write(path, lambda f: f.write(text.encode('utf-8')))
 
 class History:
     "Per-epoch record of a training run: a table with the columns of `HISTORY_COLUMNS`."
@@ -126,20 +119,7 @@ def atomic_save(obj, path: str|Path, # the file to (over)write; parent folders a
     "`save(obj, path)` through a temporary file in the same folder, fsync and `os.replace`: `path` is never left half-written."
     path = Path(path)
     if path.is_dir(): raise IsADirectoryError(f"{path} is a folder; give a file name such as {path/'checkpoint.pt'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, 'wb') as f:
-            save(obj, f)
-            f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-        with contextlib.suppress(OSError):  # make the rename itself durable (POSIX; not possible on every system)
-            fd = os.open(path.parent, os.O_RDONLY)
-            try: os.fsync(fd)
-            finally: os.close(fd)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    return path
+    return atomic_write(path, lambda f: save(obj, f))
 
 def load_checkpoint(path: str|Path, # a file written by `Trainer.save_model` (or a plain state dict)
                     map_location: str|torch.device = 'cpu', # where to put the tensors

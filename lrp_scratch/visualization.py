@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import matplotlib.pyplot as plt
 from PIL import Image
+from .core import atomic_write
 from .lrp import LRPModel, classic, EpsilonPlusFlat, EpsilonPlus, EpsilonAlpha2Beta1, EpsilonGammaBox
 
 # %% auto #0
@@ -61,20 +62,6 @@ def relevance_to_rgb(r, # relevance (H, W), or (C, H, W) summed over channels
     return apply_cmap(normalize_relevance(a, cmap in SIGNED_CMAPS if symmetric is None else symmetric), cmap)
 
 # %% ../nbs/12_visualization.ipynb #5cd59f87
-def _atomic_write(path: Path, write):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
-    umask = os.umask(0); os.umask(umask)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates owner-only files; give the file ordinary permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.unlink(tmp)
-    return path
-
 def save_png(arr, # uint8 (H, W, 3) or (H, W), or floats in [0, 1]
              path: str|Path, # file to write (folders are created)
              scale: int = 1, # enlarge by an integer factor (nearest neighbour), for small images
@@ -84,7 +71,7 @@ def save_png(arr, # uint8 (H, W, 3) or (H, W), or floats in [0, 1]
     if a.dtype != np.uint8: a = np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)
     if a.ndim not in (2, 3): raise ValueError(f"expected an image (H, W) or (H, W, 3), got shape {a.shape}")
     if scale > 1: a = a.repeat(scale, 0).repeat(scale, 1)
-    return _atomic_write(path, lambda tmp: Image.fromarray(a).save(tmp, format='PNG'))
+    return atomic_write(path, lambda f: Image.fromarray(a).save(f, format='PNG'))
 
 # %% ../nbs/12_visualization.ipynb #f648d57f
 def _image(x) -> np.ndarray:
@@ -131,7 +118,7 @@ def plot_relevance_scores(x: torch.Tensor, # image (C, H, W) or batch (N, C, H, 
     if save_to is not None:
         dest = Path(save_to)
         dest = dest if dest.suffix.lower() == '.png' else dest / f"{name or 'relevance'}.png"
-        _atomic_write(dest, lambda tmp: fig.savefig(tmp, format='png', dpi=100))
+        atomic_write(dest, lambda f: fig.savefig(f, format='png', dpi=100))
     if show: plt.show()
     return fig
 
@@ -176,7 +163,7 @@ def relevance_grid(x: torch.Tensor, # images (N, C, H, W)
             wrong = preds is not None and targets is not None and int(preds[i]) != int(targets[i])
             ax_img.set_title(' / '.join(title), fontsize=8, color='crimson' if wrong else 'black')
     fig.tight_layout()
-    if save_to is not None: _atomic_write(Path(save_to), lambda tmp: fig.savefig(tmp, format='png', dpi=100))
+    if save_to is not None: atomic_write(save_to, lambda f: fig.savefig(f, format='png', dpi=100))
     return fig
 
 # %% ../nbs/12_visualization.ipynb #083dad9b
