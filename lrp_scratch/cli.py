@@ -436,7 +436,6 @@ def make_parser() -> argparse.ArgumentParser:
                             '`lrp-scratch COMMAND --help` explains each command.')
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True, parser_class=_Parser)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser('demo', help='train a small VGG11 on the offline digits, test it, explain test images (one command)',
                        description='Train VGG11 (a quarter of the channels) on 6,000 offline digits for 3 epochs, test it on 1,000 more, and explain '
                                    'test images with LRP. Writes the checkpoint, the test report (JSON + confusion matrix), a heatmap grid and '

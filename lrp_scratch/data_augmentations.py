@@ -6,7 +6,6 @@
 from __future__ import annotations
 import math, numbers
 from functools import lru_cache
-from typing import Sequence
 import torch
 import torch.nn.functional as F
 from .data_transformations import _pad_index

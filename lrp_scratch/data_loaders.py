@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
-from .data_transformations import Compose, ToTensor, mnist_transform
+from .data_transformations import ToTensor
 from .digits import make_digits
 
 # %% auto #0

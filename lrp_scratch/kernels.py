@@ -205,11 +205,7 @@ def filtered_stabilized_div_ref(r: torch.Tensor, # relevance at a layer's output
                                ) -> torch.Tensor:
     "Pure-PyTorch reference of `filtered_stabilized_div`: `stabilized_div(relevance_filter(r, k), den, eps)`."
     _check_fused_args(r, den, eps, k)
-    r, den = r.detach(), den.detach()
-    if r.numel() and k < r[0].numel():
-        flat = r.reshape(r.shape[0], -1)
-        r = torch.where(_filter_keep(flat, k, 'filtered_stabilized_div'), flat, torch.zeros((), dtype=r.dtype, device=r.device)).reshape(r.shape)
-    return stabilized_div_ref(r, den, eps)
+    return stabilized_div_ref(relevance_filter_ref(r, k), den.detach(), eps)
 
 def filtered_stabilized_div(r: torch.Tensor, # relevance at a layer's output, (N, ...)
                             den: torch.Tensor, # the layer's output z, r's shape

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_trainers.ipynb #332f2ce1
 from __future__ import annotations
-import contextlib, json, math, numbers, os, pickle, random, time, uuid, warnings
+import contextlib, json, math, numbers, pickle, random, time, warnings
 from pathlib import Path
 from typing import Callable, Iterable
 import numpy as np

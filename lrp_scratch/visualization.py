@@ -4,7 +4,6 @@
 
 # %% ../nbs/12_visualization.ipynb #714d79c0
 from __future__ import annotations
-import os, tempfile
 from pathlib import Path
 from typing import Sequence
 import numpy as np
