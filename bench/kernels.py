@@ -3,7 +3,8 @@
 
     python bench/kernels.py [--op all|stabilized_div|relevance_filter|filtered_stabilized_div|mul_sum_channels]
                             [--device cpu|cuda] [--reps 30] [--threads N] [--dtype float32]
-    python bench/kernels.py --profile [--threads N]   # torch.profiler on LRP, engine as is vs with the filter kernel
+    python bench/kernels.py [--isa portable|avx2|avx512]  # the filter's hand-vectorised loops with this instruction set
+    python bench/kernels.py --profile [--threads N] [--case classic]  # torch.profiler on LRP: reference path vs kernels
 
 One table per op. For each size (tensors that occur in LRP on VGG16 at 224x224 and VGG11 at 32x32), the
 implementations are timed interleaved (kernel, baseline, ..., kernel, ...) and the medians compared:
@@ -19,11 +20,12 @@ The relevance is random with half of it exactly 0 (as after a ReLU). Absolute ti
 shared CPU machine; the ratios are what to read.
 """
 import argparse, statistics, time
+from contextlib import ExitStack
 
 import torch
 
 import lrp_scratch.kernels as K
-from lrp_scratch.kernels import build_info, kernels_active
+from lrp_scratch.kernels import CPU_ISAS, build_info, cpu_isa, kernels_active, reference_kernels
 
 VGG_SIZES = {  # name: shape (batch, channels, height, width)
     "vgg16-224 conv1_2 out, bs 1": (1, 64, 224, 224),
@@ -145,36 +147,30 @@ OPS = {"stabilized_div": run_stabilized_div, "relevance_filter": run_relevance_f
 
 
 def profile_lrp(a):
-    "Self CPU time of the top ops of LRP, as the engine is and with its filter replaced by the kernel."
+    "Self CPU time of the top ops of LRP, on the pure-PyTorch reference path and with the compiled kernels."
     import torchvision
     from torch.profiler import ProfilerActivity, profile
     import lrp_scratch.lrp as L
     from lrp_scratch.models import VGG11
 
-    engine_filter = L.relevance_filter
-
-    def kernel_filter(r, top_k, renormalize=False):  # what wiring the kernel into the engine amounts to
-        if renormalize or top_k == 0 or r.numel() == 0: return engine_filter(r, top_k, renormalize)
-        return K.relevance_filter(r, max(1, int(top_k * r[0].numel())))
-
     torch.manual_seed(0)
+    vgg16 = torchvision.models.vgg16().eval()
     cases = {"VGG16 224x224, batch 2, classic(), top_k=0.02":
-             (L.LRPModel(torchvision.models.vgg16().eval(), composite=L.classic(), top_k=0.02), torch.rand(2, 3, 224, 224)),
+             (L.LRPModel(vgg16, composite=L.classic(), top_k=0.02), torch.rand(2, 3, 224, 224)),
+             "VGG16 224x224, batch 2, EpsilonPlusFlat()":
+             (L.LRPModel(vgg16, composite=L.EpsilonPlusFlat()), torch.rand(2, 3, 224, 224)),
              "VGG11 32x32, batch 64, EpsilonPlusFlat()":
              (L.LRPModel(VGG11(n_classes=10).eval(), composite=L.EpsilonPlusFlat()), torch.rand(64, 3, 32, 32))}
     for name, (lrp, x) in cases.items():
-        for variant, filt in (("engine as is", engine_filter), ("with the relevance_filter kernel", kernel_filter)):
-            if variant != "engine as is" and not lrp.top_k: continue
-            L.relevance_filter = filt
-            try:
+        if a.case and a.case not in name: continue
+        for variant, ref in (("reference path (pure PyTorch)", True), ("compiled kernels", False)):
+            with reference_kernels(ref):
                 lrp(x)  # warm up (parameter cache)
                 walls = []
-                for _ in range(3):
+                for _ in range(a.walls):
                     t0 = time.perf_counter(); lrp(x); walls.append(time.perf_counter() - t0)
                 with profile(activities=[ProfilerActivity.CPU]) as p: lrp(x)
-            finally:
-                L.relevance_filter = engine_filter
-            print(f"\n{name}: {variant}; LRPModel(...)(x) wall time {statistics.median(walls):.3f} s (median of 3), "
+            print(f"\n{name}: {variant}; LRPModel(...)(x) wall time {statistics.median(walls):.3f} s (median of {a.walls}), "
                   f"{torch.get_num_threads()} threads")
             print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows))
 
@@ -186,15 +182,26 @@ def main():
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
-    ap.add_argument("--profile", action="store_true", help="profile LRP (VGG16 classic top_k=0.02, VGG11 EpsilonPlusFlat)")
+    ap.add_argument("--profile", action="store_true", help="profile LRP (VGG16 classic top_k=0.02 and EpsilonPlusFlat, VGG11 EpsilonPlusFlat): reference path vs kernels")
     ap.add_argument("--rows", type=int, default=15, help="rows of each profile table")
+    ap.add_argument("--case", default="", help="profile only the cases whose name contains this (e.g. classic)")
+    ap.add_argument("--walls", type=int, default=3, help="timed calls per profile case (median wall time)")
+    ap.add_argument("--isa", default=None, choices=list(CPU_ISAS),
+                    help="instruction set of the hand-vectorised CPU loops (default: the widest this CPU has)")
     a = ap.parse_args()
     if a.threads: torch.set_num_threads(a.threads)
     if a.profile: return profile_lrp(a)
+    with ExitStack() as stack:
+        if a.isa: stack.enter_context(cpu_isa(a.isa))
+        run_ops(a)
+
+
+def run_ops(a):
     dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
     if not kernels_active(dev): raise SystemExit(f"no compiled kernel for {dev}: {build_info()}")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    if dev.type == "cpu": name += f", {build_info()['cpu_isa']} loops"
     print(f"{a.dtype}, {name}, torch {torch.__version__}, median of up to {a.reps} interleaved repeats")
     for op, run in OPS.items():
         if a.op in ("all", op):

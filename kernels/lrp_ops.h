@@ -21,7 +21,18 @@
 #define LRP_SCRATCH_MULTIVERSION
 #endif
 
+// Hand-vectorised loops (intrinsics in functions compiled for one instruction set each, chosen at run time):
+// x86-64 with GCC or Clang only; elsewhere the portable loops serve.
+#if defined(__GNUC__) && !defined(__CUDACC__) && defined(__x86_64__)
+#define LRP_SCRATCH_X86_SIMD 1
+#endif
+
 namespace lrp_scratch {
+
+// The instruction set of the hand-vectorised loops: the widest the CPU has, found once at load; tests lower it
+// with lrp_scratch._C.set_cpu_isa to run every path on one machine.
+enum class Isa : int { portable = 0, avx2 = 1, avx512 = 2 };
+Isa cpu_isa();
 
 // stabilized_div of one element, in the precision T (float for half/bfloat16): n / (d + eps*s(d)), s(0) = +1,
 // and 0 where that denominator is 0. The division is unconditional and the select comes after it, so the

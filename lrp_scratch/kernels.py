@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['HAS_C', 'OPS', 'OP_DEVICES', 'KERNEL_DEVICES', 'build_info', 'use_reference', 'reference_kernels', 'kernels_active',
-           'stabilized_div_ref', 'stabilized_div', 'relevance_filter_ref', 'relevance_filter',
-           'filtered_stabilized_div_ref', 'filtered_stabilized_div', 'mul_sum_channels_ref', 'mul_sum_channels']
+__all__ = ['HAS_C', 'OPS', 'OP_DEVICES', 'KERNEL_DEVICES', 'CPU_ISAS', 'build_info', 'use_reference', 'reference_kernels',
+           'kernels_active', 'available_cpu_isas', 'cpu_isa', 'stabilized_div_ref', 'stabilized_div',
+           'relevance_filter_ref', 'relevance_filter', 'filtered_stabilized_div_ref', 'filtered_stabilized_div',
+           'mul_sum_channels_ref', 'mul_sum_channels']
 
 # %% ../nbs/02_kernels.ipynb #618cc3dd
 def _load_extension():
@@ -44,7 +45,7 @@ def build_info() -> dict:
     if not HAS_C: return dict(loaded=False, reason=_C_MISSING, variant=None, devices=[], reference_forced=_state.reference)
     return dict(loaded=True, variant=_C.variant, cuda_archs=_C.cuda_archs, openmp=bool(_C.parallel_openmp),
                 devices=sorted(KERNEL_DEVICES), ops={n: sorted(d) for n, d in OP_DEVICES.items()},
-                file=Path(_C.__file__).name, reference_forced=_state.reference)
+                cpu_isa=_cpu_isa(), file=Path(_C.__file__).name, reference_forced=_state.reference)
 
 # %% ../nbs/02_kernels.ipynb #d4e7034d
 class _KernelState:
@@ -69,6 +70,28 @@ def kernels_active(device: str|torch.device = 'cpu', # device of the tensors
                   ) -> bool:
     "Whether `op` on tensors of `device` runs its compiled kernel."
     return HAS_C and not _state.reference and torch.device(device).type in OP_DEVICES.get(op, ())
+
+# %% ../nbs/02_kernels.ipynb #2c7fc08a
+CPU_ISAS = ('portable', 'avx2', 'avx512')  # instruction sets of the hand-vectorised CPU loops, narrowest first
+
+def _cpu_isa() -> str|None: return _C.cpu_isa() if HAS_C and hasattr(_C, 'cpu_isa') else None
+
+def available_cpu_isas() -> tuple:
+    "The instruction sets `cpu_isa` accepts on this machine (those up to the widest the CPU has)."
+    if _cpu_isa() is None: return ()
+    return CPU_ISAS[:CPU_ISAS.index(_C.cpu_isa_detected) + 1]
+
+@contextmanager
+def cpu_isa(name: str # 'portable', 'avx2' or 'avx512', at most what the CPU has (see `available_cpu_isas`)
+           ):
+    "Context manager: the hand-vectorised CPU loops use instruction set `name` inside the block (the results are the same)."
+    if name not in CPU_ISAS: raise ValueError(f"cpu_isa: expected one of {CPU_ISAS}, got {name!r}")
+    if _cpu_isa() is None: raise RuntimeError(f"cpu_isa: the compiled extension is not loaded ({_C_MISSING or 'an older build'})")
+    if name not in available_cpu_isas():
+        raise ValueError(f"cpu_isa: this CPU has {_C.cpu_isa_detected}, so {name!r} cannot run here; choose from {available_cpu_isas()}")
+    prev = _C.set_cpu_isa(name)
+    try: yield
+    finally: _C.set_cpu_isa(prev)
 
 # %% ../nbs/02_kernels.ipynb #f968474e
 def _check_stabilized_div_args(num, den, eps):
@@ -112,10 +135,11 @@ def stabilized_div(num: torch.Tensor, # numerator, e.g. the relevance of a layer
 
 # %% ../nbs/02_kernels.ipynb #a203ca20
 def _register_stabilized_div():
-    "Shape function (for torch.compile / fake tensors) and backward of the compiled op."
+    "Shape function (for torch.compile / fake tensors) of the compiled op; its backward is registered in C++ (here only for builds without it)."
     name = 'lrp_scratch::stabilized_div'
     torch.library.register_fake(name)(
         lambda num, den, eps: num.new_empty(torch.broadcast_shapes(num.shape, den.shape)))
+    if torch._C._dispatch_has_kernel_for_dispatch_key(name, 'Autograd'): return
 
     def setup_context(ctx, inputs, output):
         num, den, eps = inputs
@@ -249,9 +273,10 @@ def mul_sum_channels(a: torch.Tensor, # (N, C, ...), e.g. the input of the first
 
 # %% ../nbs/02_kernels.ipynb #05dcaf06
 def _register_mul_sum_channels():
-    "Shape function and backward of the compiled op."
+    "Shape function of the compiled op; its backward is registered in C++ (here only for builds without it)."
     name = 'lrp_scratch::mul_sum_channels'
     torch.library.register_fake(name)(lambda a, c: a.new_empty(a.shape[:1] + a.shape[2:]))
+    if torch._C._dispatch_has_kernel_for_dispatch_key(name, 'Autograd'): return
     def setup_context(ctx, inputs, output): ctx.save_for_backward(*inputs)
     def backward(ctx, g):
         a, c = ctx.saved_tensors
