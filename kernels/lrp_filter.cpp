@@ -417,10 +417,14 @@ __attribute__((noinline)) int64_t gather_ge(const scalar_t* __restrict x, int64_
 // and store the whole register; the count advances by the mask's popcount) or AVX2 (8 / 4 per step: the compress is
 // a permutation from a 256- / 16-entry table). Same results as gather_ge: the same keys in the same order, the same
 // zeros, NaN found. The whole register is stored, so the buffer needs one register of spare room: the caller's room
-// check every kBlock values leaves kBlock slots.
+// check every kBlock values leaves kBlock slots. One loop per instruction set; the lane operations of each key width
+// come from a small struct (Lanes512<K>, Lanes256<K>).
 #ifdef LRP_SCRATCH_X86_SIMD
+#define LRP_SCRATCH_AVX512 __attribute__((target("avx512f,popcnt"))) static inline
+#define LRP_SCRATCH_AVX2 __attribute__((target("avx2,popcnt"))) static inline
 
-// The permutation that moves the lanes set in an 8-bit mask to the front, as 8 indices of 4 bits.
+// The permutation that moves the lanes set in a mask to the front, as 8 indices of 4 bits (32-bit lanes); for 64-bit
+// lanes (a 4-bit mask) each lane is a pair of 32-bit lanes.
 struct Compress8 {
   uint32_t idx[256];
   constexpr Compress8() : idx() {
@@ -433,7 +437,6 @@ struct Compress8 {
     }
   }
 };
-// The same for 4 lanes of 64 bits: pairs of 32-bit lane indices.
 struct Compress4x64 {
   uint32_t idx[16];
   constexpr Compress4x64() : idx() {
@@ -449,36 +452,98 @@ struct Compress4x64 {
 constexpr Compress8 kCompress8{};
 constexpr Compress4x64 kCompress4x64{};
 
-__attribute__((target("avx2"))) inline __m256i nibbles_to_lanes(uint32_t w) {
-  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w)), shifts), _mm256_set1_epi32(15));
-}
+template <typename K> struct Lanes512;
+template <> struct Lanes512<uint32_t> {
+  using Mask = __mmask16;
+  static constexpr int n = 16;
+  LRP_SCRATCH_AVX512 __m512i set1(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
+  LRP_SCRATCH_AVX512 __m512i load(Mask m, const void* p) { return _mm512_maskz_loadu_epi32(m, p); }
+  LRP_SCRATCH_AVX512 Mask eq(Mask m, __m512i a, __m512i b) { return _mm512_mask_cmpeq_epi32_mask(m, a, b); }
+  LRP_SCRATCH_AVX512 Mask ge(Mask m, __m512i a, __m512i b) { return _mm512_mask_cmpge_epu32_mask(m, a, b); }
+  LRP_SCRATCH_AVX512 Mask gt(Mask m, __m512i a, __m512i b) { return _mm512_mask_cmpgt_epu32_mask(m, a, b); }
+  LRP_SCRATCH_AVX512 __m512i zero_where(Mask m, __m512i b) { return _mm512_mask_mov_epi32(b, m, _mm512_setzero_si512()); }
+  LRP_SCRATCH_AVX512 __m512i sign_fill(__m512i b) { return _mm512_maskz_srai_epi32(Mask(0xFFFF), b, 31); }
+  LRP_SCRATCH_AVX512 __m512i compress(Mask m, __m512i v) { return _mm512_maskz_compress_epi32(m, v); }
+};
+template <> struct Lanes512<uint64_t> {
+  using Mask = __mmask8;
+  static constexpr int n = 8;
+  LRP_SCRATCH_AVX512 __m512i set1(uint64_t v) { return _mm512_set1_epi64(static_cast<long long>(v)); }
+  LRP_SCRATCH_AVX512 __m512i load(Mask m, const void* p) { return _mm512_maskz_loadu_epi64(m, p); }
+  LRP_SCRATCH_AVX512 Mask eq(Mask m, __m512i a, __m512i b) { return _mm512_mask_cmpeq_epi64_mask(m, a, b); }
+  LRP_SCRATCH_AVX512 Mask ge(Mask m, __m512i a, __m512i b) { return _mm512_mask_cmpge_epu64_mask(m, a, b); }
+  LRP_SCRATCH_AVX512 Mask gt(Mask m, __m512i a, __m512i b) { return _mm512_mask_cmpgt_epu64_mask(m, a, b); }
+  LRP_SCRATCH_AVX512 __m512i zero_where(Mask m, __m512i b) { return _mm512_mask_mov_epi64(b, m, _mm512_setzero_si512()); }
+  LRP_SCRATCH_AVX512 __m512i sign_fill(__m512i b) { return _mm512_maskz_srai_epi64(Mask(0xFF), b, 63); }
+  LRP_SCRATCH_AVX512 __m512i compress(Mask m, __m512i v) { return _mm512_maskz_compress_epi64(m, v); }
+};
 
-__attribute__((target("avx512f,popcnt"))) int64_t gather_ge_avx512(const float* __restrict x, int64_t n, uint32_t L,
-                                                                   uint32_t* __restrict out, int64_t cap,
-                                                                   int64_t& zeros, int64_t& nan) {
-  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u)), Lv = _mm512_set1_epi32(static_cast<int>(L));
-  const __m512i hi = _mm512_set1_epi32(static_cast<int>(key_of<float>(std::numeric_limits<float>::infinity())));
-  const __m512i lo = _mm512_set1_epi32(static_cast<int>(key_of<float>(-std::numeric_limits<float>::infinity())));
-  const bool zero_ge = 0x80000000u >= L;  // the key of +0 is the sign bit
+// AVX2 has no unsigned compare and no masks: keys are compared as signed integers with the sign bit flipped (key ^
+// sign is the float's bits with the other bits flipped for negative values, an order-preserving signed integer), and
+// masks are vectors of all-ones lanes.
+template <typename K> struct Lanes256;
+template <> struct Lanes256<uint32_t> {
+  static constexpr int n = 8;
+  LRP_SCRATCH_AVX2 __m256i set1(uint32_t v) { return _mm256_set1_epi32(static_cast<int>(v)); }
+  LRP_SCRATCH_AVX2 __m256i index() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+  LRP_SCRATCH_AVX2 __m256i load(const void* p, __m256i m) { return _mm256_maskload_epi32(static_cast<const int*>(p), m); }
+  LRP_SCRATCH_AVX2 __m256i eq(__m256i a, __m256i b) { return _mm256_cmpeq_epi32(a, b); }
+  LRP_SCRATCH_AVX2 __m256i gt(__m256i a, __m256i b) { return _mm256_cmpgt_epi32(a, b); }
+  LRP_SCRATCH_AVX2 unsigned bits(__m256i m) { return static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(m))); }
+  LRP_SCRATCH_AVX2 __m256i front(unsigned bits) {  // the lane permutation that moves the set lanes to the front
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(kCompress8.idx[bits])), shifts),
+                            _mm256_set1_epi32(15));
+  }
+};
+template <> struct Lanes256<uint64_t> {
+  static constexpr int n = 4;
+  LRP_SCRATCH_AVX2 __m256i set1(uint64_t v) { return _mm256_set1_epi64x(static_cast<long long>(v)); }
+  LRP_SCRATCH_AVX2 __m256i index() { return _mm256_setr_epi64x(0, 1, 2, 3); }
+  LRP_SCRATCH_AVX2 __m256i load(const void* p, __m256i m) {
+    return _mm256_maskload_epi64(static_cast<const long long*>(p), m);
+  }
+  LRP_SCRATCH_AVX2 __m256i eq(__m256i a, __m256i b) { return _mm256_cmpeq_epi64(a, b); }
+  LRP_SCRATCH_AVX2 __m256i gt(__m256i a, __m256i b) { return _mm256_cmpgt_epi64(a, b); }
+  LRP_SCRATCH_AVX2 unsigned bits(__m256i m) { return static_cast<unsigned>(_mm256_movemask_pd(_mm256_castsi256_pd(m))); }
+  LRP_SCRATCH_AVX2 __m256i front(unsigned bits) {
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(kCompress4x64.idx[bits])), shifts),
+                            _mm256_set1_epi32(15));
+  }
+};
+
+template <typename scalar_t>
+__attribute__((target("avx512f,popcnt"))) int64_t gather_ge_avx512(const scalar_t* __restrict x, int64_t n,
+                                                                   typename KeyOf<scalar_t>::type L,
+                                                                   typename KeyOf<scalar_t>::type* __restrict out,
+                                                                   int64_t cap, int64_t& zeros, int64_t& nan) {
+  using K = typename KeyOf<scalar_t>::type;
+  using V = Lanes512<K>;
+  using Mask = typename V::Mask;
+  constexpr K kSign = K(K(1) << (sizeof(K) * 8 - 1));  // also the key of +0
+  const __m512i sign = V::set1(kSign), Lv = V::set1(L);
+  const __m512i hi = V::set1(key_of<scalar_t>(std::numeric_limits<scalar_t>::infinity()));
+  const __m512i lo = V::set1(key_of<scalar_t>(-std::numeric_limits<scalar_t>::infinity()));
+  const bool zero_ge = kSign >= L;
   int64_t j = 0, z = 0;
-  __mmask16 bad = 0;
+  Mask bad = 0;
   for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
     if (j + kBlock > cap) return -1;
     const int64_t i1 = std::min(n, i0 + kBlock);
-    for (int64_t i = i0; i < i1; i += 16) {
-      const __mmask16 live = i + 16 <= i1 ? __mmask16(0xFFFF) : __mmask16((1u << (i1 - i)) - 1);
-      __m512i b = _mm512_maskz_loadu_epi32(live, x + i);
-      b = _mm512_mask_mov_epi32(b, _mm512_cmpeq_epi32_mask(b, sign), _mm512_setzero_si512());  // -0 -> +0
-      const __m512i key = _mm512_xor_si512(b, _mm512_or_si512(_mm512_maskz_srai_epi32(__mmask16(0xFFFF), b, 31), sign));
-      __mmask16 ge = _mm512_mask_cmpge_epu32_mask(live, key, Lv);
-      bad |= _mm512_mask_cmpgt_epu32_mask(live, key, hi) | _mm512_mask_cmplt_epu32_mask(live, key, lo);
+    for (int64_t i = i0; i < i1; i += V::n) {
+      const Mask live = i + V::n <= i1 ? Mask(~Mask(0)) : Mask((1u << (i1 - i)) - 1);
+      __m512i b = V::load(live, x + i);
+      b = V::zero_where(V::eq(Mask(~Mask(0)), b, sign), b);  // -0 -> +0
+      const __m512i key = _mm512_xor_si512(b, _mm512_or_si512(V::sign_fill(b), sign));
+      Mask ge = V::ge(live, key, Lv);
+      bad |= V::gt(live, key, hi) | V::gt(live, lo, key);
       if (zero_ge) {
-        const __mmask16 isz = _mm512_mask_cmpeq_epi32_mask(live, key, sign);
+        const Mask isz = V::eq(live, key, sign);
         z += _mm_popcnt_u32(isz);
-        ge &= static_cast<__mmask16>(~isz);
+        ge &= Mask(~isz);
       }
-      _mm512_storeu_si512(out + j, _mm512_maskz_compress_epi32(ge, key));  // compress in a register: fast everywhere
+      _mm512_storeu_si512(out + j, V::compress(ge, key));  // compress in a register: fast everywhere
       j += _mm_popcnt_u32(ge);
     }
   }
@@ -487,111 +552,40 @@ __attribute__((target("avx512f,popcnt"))) int64_t gather_ge_avx512(const float* 
   return j;
 }
 
-__attribute__((target("avx512f,popcnt"))) int64_t gather_ge_avx512(const double* __restrict x, int64_t n, uint64_t L,
-                                                                   uint64_t* __restrict out, int64_t cap,
-                                                                   int64_t& zeros, int64_t& nan) {
-  const __m512i sign = _mm512_set1_epi64(static_cast<long long>(0x8000000000000000ull));
-  const __m512i Lv = _mm512_set1_epi64(static_cast<long long>(L));
-  const __m512i hi = _mm512_set1_epi64(static_cast<long long>(key_of<double>(std::numeric_limits<double>::infinity())));
-  const __m512i lo = _mm512_set1_epi64(static_cast<long long>(key_of<double>(-std::numeric_limits<double>::infinity())));
-  const bool zero_ge = 0x8000000000000000ull >= L;
-  int64_t j = 0, z = 0;
-  __mmask8 bad = 0;
-  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
-    if (j + kBlock > cap) return -1;
-    const int64_t i1 = std::min(n, i0 + kBlock);
-    for (int64_t i = i0; i < i1; i += 8) {
-      const __mmask8 live = i + 8 <= i1 ? __mmask8(0xFF) : __mmask8((1u << (i1 - i)) - 1);
-      __m512i b = _mm512_maskz_loadu_epi64(live, x + i);
-      b = _mm512_mask_mov_epi64(b, _mm512_cmpeq_epi64_mask(b, sign), _mm512_setzero_si512());
-      const __m512i key = _mm512_xor_si512(b, _mm512_or_si512(_mm512_maskz_srai_epi64(__mmask8(0xFF), b, 63), sign));
-      __mmask8 ge = _mm512_mask_cmpge_epu64_mask(live, key, Lv);
-      bad |= _mm512_mask_cmpgt_epu64_mask(live, key, hi) | _mm512_mask_cmplt_epu64_mask(live, key, lo);
-      if (zero_ge) {
-        const __mmask8 isz = _mm512_mask_cmpeq_epi64_mask(live, key, sign);
-        z += _mm_popcnt_u32(isz);
-        ge &= static_cast<__mmask8>(~isz);
-      }
-      _mm512_storeu_si512(out + j, _mm512_maskz_compress_epi64(ge, key));
-      j += _mm_popcnt_u32(ge);
-    }
-  }
-  nan += bad != 0;
-  zeros += z;
-  return j;
-}
-
-// AVX2 has no unsigned compare: the keys are compared as signed integers with the sign bit flipped (key ^ sign is
-// the float's bits with the other bits flipped for negative values, an order-preserving signed integer).
-__attribute__((target("avx2,popcnt"))) int64_t gather_ge_avx2(const float* __restrict x, int64_t n, uint32_t L,
-                                                               uint32_t* __restrict out, int64_t cap, int64_t& zeros,
-                                                               int64_t& nan) {
-  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u)), low31 = _mm256_set1_epi32(0x7FFFFFFF);
-  const __m256i Ls = _mm256_set1_epi32(static_cast<int>(L ^ 0x80000000u));
-  const __m256i his = _mm256_set1_epi32(static_cast<int>(key_of<float>(std::numeric_limits<float>::infinity()) ^ 0x80000000u));
-  const __m256i los = _mm256_set1_epi32(static_cast<int>(key_of<float>(-std::numeric_limits<float>::infinity()) ^ 0x80000000u));
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const bool zero_ge = 0x80000000u >= L;
-  int64_t j = 0, z = 0;
-  __m256i bad = _mm256_setzero_si256();
-  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
-    if (j + kBlock > cap) return -1;
-    const int64_t i1 = std::min(n, i0 + kBlock);
-    for (int64_t i = i0; i < i1; i += 8) {
-      const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(8, i1 - i))), lane);
-      __m256i b = _mm256_maskload_epi32(reinterpret_cast<const int*>(x + i), live);
-      b = _mm256_andnot_si256(_mm256_cmpeq_epi32(b, sign), b);                          // -0 -> +0
-      const __m256i ks = _mm256_xor_si256(b, _mm256_and_si256(_mm256_srai_epi32(b, 31), low31));  // key ^ sign
-      __m256i ge = _mm256_andnot_si256(_mm256_cmpgt_epi32(Ls, ks), live);
-      bad = _mm256_or_si256(bad, _mm256_and_si256(live, _mm256_or_si256(_mm256_cmpgt_epi32(ks, his), _mm256_cmpgt_epi32(los, ks))));
-      if (zero_ge) {
-        const __m256i isz = _mm256_and_si256(_mm256_cmpeq_epi32(ks, _mm256_setzero_si256()), live);
-        z += _mm_popcnt_u32(static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(isz))));
-        ge = _mm256_andnot_si256(isz, ge);
-      }
-      const unsigned m = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(ge)));
-      const __m256i key = _mm256_xor_si256(ks, sign);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), _mm256_permutevar8x32_epi32(key, nibbles_to_lanes(kCompress8.idx[m])));
-      j += _mm_popcnt_u32(m);
-    }
-  }
-  nan += !_mm256_testz_si256(bad, bad);
-  zeros += z;
-  return j;
-}
-
-__attribute__((target("avx2,popcnt"))) int64_t gather_ge_avx2(const double* __restrict x, int64_t n, uint64_t L,
-                                                               uint64_t* __restrict out, int64_t cap, int64_t& zeros,
-                                                               int64_t& nan) {
-  const __m256i sign = _mm256_set1_epi64x(static_cast<long long>(0x8000000000000000ull));
-  const __m256i low63 = _mm256_set1_epi64x(0x7FFFFFFFFFFFFFFFll), zero = _mm256_setzero_si256();
-  const __m256i Ls = _mm256_set1_epi64x(static_cast<long long>(L ^ 0x8000000000000000ull));
-  const __m256i his = _mm256_set1_epi64x(
-      static_cast<long long>(key_of<double>(std::numeric_limits<double>::infinity()) ^ 0x8000000000000000ull));
-  const __m256i los = _mm256_set1_epi64x(
-      static_cast<long long>(key_of<double>(-std::numeric_limits<double>::infinity()) ^ 0x8000000000000000ull));
-  const __m256i lane = _mm256_setr_epi64x(0, 1, 2, 3);
-  const bool zero_ge = 0x8000000000000000ull >= L;
+template <typename scalar_t>
+__attribute__((target("avx2,popcnt"))) int64_t gather_ge_avx2(const scalar_t* __restrict x, int64_t n,
+                                                               typename KeyOf<scalar_t>::type L,
+                                                               typename KeyOf<scalar_t>::type* __restrict out,
+                                                               int64_t cap, int64_t& zeros, int64_t& nan) {
+  using K = typename KeyOf<scalar_t>::type;
+  using V = Lanes256<K>;
+  constexpr K kSign = K(K(1) << (sizeof(K) * 8 - 1));
+  const __m256i sign = V::set1(kSign), low = V::set1(K(~kSign)), zero = _mm256_setzero_si256();
+  const __m256i Ls = V::set1(L ^ kSign);  // compared signed: every key ^ sign
+  const __m256i his = V::set1(key_of<scalar_t>(std::numeric_limits<scalar_t>::infinity()) ^ kSign);
+  const __m256i los = V::set1(key_of<scalar_t>(-std::numeric_limits<scalar_t>::infinity()) ^ kSign);
+  const __m256i lane = V::index();
+  const bool zero_ge = kSign >= L;
   int64_t j = 0, z = 0;
   __m256i bad = zero;
   for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
     if (j + kBlock > cap) return -1;
     const int64_t i1 = std::min(n, i0 + kBlock);
-    for (int64_t i = i0; i < i1; i += 4) {
-      const __m256i live = _mm256_cmpgt_epi64(_mm256_set1_epi64x(std::min<int64_t>(4, i1 - i)), lane);
-      __m256i b = _mm256_maskload_epi64(reinterpret_cast<const long long*>(x + i), live);
-      b = _mm256_andnot_si256(_mm256_cmpeq_epi64(b, sign), b);
-      const __m256i ks = _mm256_xor_si256(b, _mm256_and_si256(_mm256_cmpgt_epi64(zero, b), low63));
-      __m256i ge = _mm256_andnot_si256(_mm256_cmpgt_epi64(Ls, ks), live);
-      bad = _mm256_or_si256(bad, _mm256_and_si256(live, _mm256_or_si256(_mm256_cmpgt_epi64(ks, his), _mm256_cmpgt_epi64(los, ks))));
+    for (int64_t i = i0; i < i1; i += V::n) {
+      const __m256i live = V::gt(V::set1(K(std::min<int64_t>(V::n, i1 - i))), lane);
+      __m256i b = V::load(x + i, live);
+      b = _mm256_andnot_si256(V::eq(b, sign), b);                                  // -0 -> +0
+      const __m256i ks = _mm256_xor_si256(b, _mm256_and_si256(V::gt(zero, b), low));  // key ^ sign
+      __m256i ge = _mm256_andnot_si256(V::gt(Ls, ks), live);
+      bad = _mm256_or_si256(bad, _mm256_and_si256(live, _mm256_or_si256(V::gt(ks, his), V::gt(los, ks))));
       if (zero_ge) {
-        const __m256i isz = _mm256_and_si256(_mm256_cmpeq_epi64(ks, zero), live);
-        z += _mm_popcnt_u32(static_cast<unsigned>(_mm256_movemask_pd(_mm256_castsi256_pd(isz))));
+        const __m256i isz = _mm256_and_si256(V::eq(ks, zero), live);
+        z += _mm_popcnt_u32(V::bits(isz));
         ge = _mm256_andnot_si256(isz, ge);
       }
-      const unsigned m = static_cast<unsigned>(_mm256_movemask_pd(_mm256_castsi256_pd(ge)));
+      const unsigned m = V::bits(ge);
       const __m256i key = _mm256_xor_si256(ks, sign);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), _mm256_permutevar8x32_epi32(key, nibbles_to_lanes(kCompress4x64.idx[m])));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), _mm256_permutevar8x32_epi32(key, V::front(m)));
       j += _mm_popcnt_u32(m);
     }
   }
@@ -599,6 +593,8 @@ __attribute__((target("avx2,popcnt"))) int64_t gather_ge_avx2(const double* __re
   zeros += z;
   return j;
 }
+#undef LRP_SCRATCH_AVX512
+#undef LRP_SCRATCH_AVX2
 #endif
 
 // Step 1 with the widest loop the CPU (and cpu_isa()) allows; 16-bit types take the portable loop.
