@@ -11,9 +11,9 @@ import torch
 
 # %% auto #0
 __all__ = ['HAS_C', 'OPS', 'OP_DEVICES', 'KERNEL_DEVICES', 'CPU_ISAS', 'build_info', 'use_reference', 'reference_kernels',
-           'kernels_active', 'available_cpu_isas', 'cpu_isa', 'stabilized_div_ref', 'stabilized_div',
-           'relevance_filter_ref', 'relevance_filter', 'filtered_stabilized_div_ref', 'filtered_stabilized_div',
-           'mul_sum_channels_ref', 'mul_sum_channels']
+           'kernels_active', 'use_cuda_kernels', 'cuda_kernels', 'available_cpu_isas', 'cpu_isa', 'stabilized_div_ref',
+           'stabilized_div', 'relevance_filter_ref', 'relevance_filter', 'filtered_stabilized_div_ref',
+           'filtered_stabilized_div', 'mul_sum_channels_ref', 'mul_sum_channels']
 
 # %% ../nbs/02_kernels.ipynb #618cc3dd
 def _load_extension():
@@ -45,12 +45,19 @@ def build_info() -> dict:
     if not HAS_C: return dict(loaded=False, reason=_C_MISSING, variant=None, devices=[], reference_forced=_state.reference)
     return dict(loaded=True, variant=_C.variant, cuda_archs=_C.cuda_archs, openmp=bool(_C.parallel_openmp),
                 devices=sorted(KERNEL_DEVICES), ops={n: sorted(d) for n, d in OP_DEVICES.items()},
-                cpu_isa=_cpu_isa(), file=Path(_C.__file__).name, reference_forced=_state.reference)
+                cpu_isa=_cpu_isa(), cuda_kernels=_state.cuda, file=Path(_C.__file__).name,
+                reference_forced=_state.reference)
 
 # %% ../nbs/02_kernels.ipynb #d4e7034d
 class _KernelState:
     reference: bool = os.environ.get('LRP_SCRATCH_REFERENCE') == '1'
+    cuda: bool = os.environ.get('LRP_SCRATCH_CUDA_KERNELS') == '1'  # CUDA kernels are opt-in (see below)
 _state = _KernelState()
+
+_ACTIVE = {}  # op -> device types whose compiled kernel is used (OP_DEVICES, less CUDA unless opted in)
+def _refresh_active():
+    for name in OPS: _ACTIVE[name] = frozenset(d for d in OP_DEVICES[name] if d != 'cuda' or _state.cuda)
+_refresh_active()
 
 def use_reference(on: bool = True # True: compute with the pure-PyTorch references
                  ) -> bool:
@@ -69,7 +76,22 @@ def kernels_active(device: str|torch.device = 'cpu', # device of the tensors
                    op: str = 'stabilized_div', # which op (see `OPS`)
                   ) -> bool:
     "Whether `op` on tensors of `device` runs its compiled kernel."
-    return HAS_C and not _state.reference and torch.device(device).type in OP_DEVICES.get(op, ())
+    return HAS_C and not _state.reference and torch.device(device).type in _ACTIVE.get(op, ())
+
+# %% ../nbs/02_kernels.ipynb #e7e4f643
+def use_cuda_kernels(on: bool = True # True: CUDA tensors use the compiled CUDA kernels
+                    ) -> bool:
+    "Opt in to (or out of) the CUDA kernels globally; returns the previous setting."
+    prev, _state.cuda = _state.cuda, bool(on)
+    _refresh_active()
+    return prev
+
+@contextmanager
+def cuda_kernels(on: bool = True):
+    "Context manager: use the CUDA kernels inside the block (or not, `on=False`)."
+    prev = use_cuda_kernels(on)
+    try: yield
+    finally: use_cuda_kernels(prev)
 
 # %% ../nbs/02_kernels.ipynb #2c7fc08a
 CPU_ISAS = ('portable', 'avx2', 'avx512')  # instruction sets of the hand-vectorised CPU loops, narrowest first
@@ -129,7 +151,7 @@ def stabilized_div(num: torch.Tensor, # numerator, e.g. the relevance of a layer
                   ) -> torch.Tensor:
     "`num / (den + eps*s(den))` with s(0)=+1, and 0 where that denominator is 0; compiled kernel when available."
     _check_stabilized_div_args(num, den, eps)
-    if HAS_C and not _state.reference and num.device.type in KERNEL_DEVICES:  # kernels_active, inlined: a hot path
+    if HAS_C and not _state.reference and num.device.type in _ACTIVE['stabilized_div']:  # kernels_active, inlined: a hot path
         return torch.ops.lrp_scratch.stabilized_div(num, den, float(eps))
     return stabilized_div_ref(num, den, eps)
 
@@ -192,7 +214,7 @@ def relevance_filter(r: torch.Tensor, # relevance, (N, ...): one row of values p
                     ) -> torch.Tensor:
     "Per sample keep the k largest values of `r` (ties: lowest index first) and write 0 elsewhere; compiled kernel when available."
     _check_filter_args('relevance_filter', r, k)
-    if HAS_C and not _state.reference and r.device.type in OP_DEVICES['relevance_filter']:
+    if HAS_C and not _state.reference and r.device.type in _ACTIVE['relevance_filter']:
         return torch.ops.lrp_scratch.relevance_filter(r.detach(), k)
     return relevance_filter_ref(r, k)
 
@@ -238,7 +260,7 @@ def filtered_stabilized_div(r: torch.Tensor, # relevance at a layer's output, (N
                            ) -> torch.Tensor:
     "`stabilized_div(relevance_filter(r, k), den, eps)` in one selection pass and one fused pass; compiled kernel when available."
     _check_fused_args(r, den, eps, k)
-    if HAS_C and not _state.reference and r.device.type in OP_DEVICES['filtered_stabilized_div']:
+    if HAS_C and not _state.reference and r.device.type in _ACTIVE['filtered_stabilized_div']:
         return torch.ops.lrp_scratch.filtered_stabilized_div(r.detach(), den.detach(), float(eps), k)
     return filtered_stabilized_div_ref(r, den, eps, k)
 
@@ -267,7 +289,7 @@ def mul_sum_channels(a: torch.Tensor, # (N, C, ...), e.g. the input of the first
                     ) -> torch.Tensor:
     "`(a * c).sum(1)` without storing the product; compiled kernel when available."
     _check_msc_args(a, c)
-    if HAS_C and not _state.reference and a.device.type in OP_DEVICES['mul_sum_channels']:
+    if HAS_C and not _state.reference and a.device.type in _ACTIVE['mul_sum_channels']:
         return torch.ops.lrp_scratch.mul_sum_channels(a, c)
     return mul_sum_channels_ref(a, c)
 
