@@ -59,18 +59,27 @@ def _refresh_active():
     for name in OPS: _ACTIVE[name] = frozenset(d for d in OP_DEVICES[name] if d != 'cuda' or _state.cuda)
 _refresh_active()
 
-def use_reference(on: bool = True # True: compute with the pure-PyTorch references
-                 ) -> bool:
-    "Switch between the compiled kernels and the references globally; returns the previous setting."
-    prev, _state.reference = _state.reference, bool(on)
+def _set_flag(name: str, on: bool) -> bool:
+    prev = getattr(_state, name)
+    setattr(_state, name, bool(on))
+    _refresh_active()
     return prev
 
 @contextmanager
+def _switched(setter, value):
+    "Run the block with `setter(value)` in effect; `setter` returns the previous value, which is restored after."
+    prev = setter(value)
+    try: yield
+    finally: setter(prev)
+
+def use_reference(on: bool = True # True: compute with the pure-PyTorch references
+                 ) -> bool:
+    "Switch between the compiled kernels and the references globally; returns the previous setting."
+    return _set_flag('reference', on)
+
 def reference_kernels(on: bool = True):
     "Context manager: compute with the references inside the block (or with the kernels, `on=False`)."
-    prev = use_reference(on)
-    try: yield
-    finally: use_reference(prev)
+    return _switched(use_reference, on)
 
 def kernels_active(device: str|torch.device = 'cpu', # device of the tensors
                    op: str = 'stabilized_div', # which op (see `OPS`)
@@ -82,16 +91,11 @@ def kernels_active(device: str|torch.device = 'cpu', # device of the tensors
 def use_cuda_kernels(on: bool = True # True: CUDA tensors use the compiled CUDA kernels
                     ) -> bool:
     "Opt in to (or out of) the CUDA kernels globally; returns the previous setting."
-    prev, _state.cuda = _state.cuda, bool(on)
-    _refresh_active()
-    return prev
+    return _set_flag('cuda', on)
 
-@contextmanager
 def cuda_kernels(on: bool = True):
     "Context manager: use the CUDA kernels inside the block (or not, `on=False`)."
-    prev = use_cuda_kernels(on)
-    try: yield
-    finally: use_cuda_kernels(prev)
+    return _switched(use_cuda_kernels, on)
 
 # %% ../nbs/02_kernels.ipynb #2c7fc08a
 CPU_ISAS = ('portable', 'avx2', 'avx512')  # instruction sets of the hand-vectorised CPU loops, narrowest first
@@ -103,7 +107,6 @@ def available_cpu_isas() -> tuple:
     if _cpu_isa() is None: return ()
     return CPU_ISAS[:CPU_ISAS.index(_C.cpu_isa_detected) + 1]
 
-@contextmanager
 def cpu_isa(name: str # 'portable', 'avx2' or 'avx512', at most what the CPU has (see `available_cpu_isas`)
            ):
     "Context manager: the hand-vectorised CPU loops use instruction set `name` inside the block (the results are the same)."
@@ -111,9 +114,7 @@ def cpu_isa(name: str # 'portable', 'avx2' or 'avx512', at most what the CPU has
     if _cpu_isa() is None: raise RuntimeError(f"cpu_isa: the compiled extension is not loaded ({_C_MISSING or 'an older build'})")
     if name not in available_cpu_isas():
         raise ValueError(f"cpu_isa: this CPU has {_C.cpu_isa_detected}, so {name!r} cannot run here; choose from {available_cpu_isas()}")
-    prev = _C.set_cpu_isa(name)
-    try: yield
-    finally: _C.set_cpu_isa(prev)
+    return _switched(_C.set_cpu_isa, name)
 
 # %% ../nbs/02_kernels.ipynb #f968474e
 def _check_stabilized_div_args(num, den, eps):
