@@ -146,7 +146,9 @@ class StabilizedDivFunction : public torch::autograd::Function<StabilizedDivFunc
 };
 
 at::Tensor stabilized_div_autograd(const at::Tensor& num, const at::Tensor& den, double eps) {
-  return StabilizedDivFunction::apply(num, den, eps);
+  if (num.requires_grad() || den.requires_grad()) return StabilizedDivFunction::apply(num, den, eps);
+  at::AutoDispatchBelowADInplaceOrView guard;  // nothing to record: skip the Function's bookkeeping
+  return stabilized_div_op(num, den, eps);
 }
 
 }  // namespace
