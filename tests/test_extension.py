@@ -1,5 +1,6 @@
 "Build properties of the extension that notebooks cannot show: import without it, thread use."
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,6 +42,25 @@ def test_reference_switch_from_environment(require_c):
     p = run_py("import lrp_scratch.kernels as k; assert k.HAS_C and not k.kernels_active(); print('ok')",
                {"LRP_SCRATCH_REFERENCE": "1"})
     assert p.returncode == 0 and "ok" in p.stdout, p.stderr
+
+
+def test_cuda_kernels_opt_in_from_environment(require_c):
+    "CUDA kernels are off by default (never run on a GPU yet) and on with LRP_SCRATCH_CUDA_KERNELS=1."
+    code = ("import lrp_scratch.kernels as k; has = 'cuda' in k.OP_DEVICES['stabilized_div']; "
+            "print(k.build_info()['cuda_kernels'], k.kernels_active('cuda') == (has and {want}), k.kernels_active('cpu'))")
+    p = run_py(code.format(want=False), {"LRP_SCRATCH_CUDA_KERNELS": None})
+    assert p.returncode == 0 and p.stdout.split() == ["False", "True", "True"], (p.stdout, p.stderr)
+    p = run_py(code.format(want=True), {"LRP_SCRATCH_CUDA_KERNELS": "1"})
+    assert p.returncode == 0 and p.stdout.split() == ["True", "True", "True"], (p.stdout, p.stderr)
+
+
+def test_cpu_isa_is_the_widest_the_cpu_has(require_c):
+    k = require_c
+    assert k.build_info()["cpu_isa"] == k.available_cpu_isas()[-1]
+    cpuinfo = Path("/proc/cpuinfo")  # Linux: the CPU's flags, to check the detection against
+    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
+    if "avx512f" in flags: assert k.available_cpu_isas()[-1] == "avx512"
+    elif "avx2" in flags: assert k.available_cpu_isas()[-1] == "avx2"
 
 
 def test_kernel_is_used(require_c):
