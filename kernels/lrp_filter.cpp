@@ -281,6 +281,9 @@ struct FilterEpilogue {
     }
   }
   void keep(int64_t i) const { o[i] = x[i]; }
+  void all(int64_t begin, int64_t end) const {  // nothing filtered (k >= M): a copy
+    std::memcpy(o + begin, x + begin, (end - begin) * sizeof(scalar_t));
+  }
 };
 
 template <typename scalar_t>
@@ -797,22 +800,30 @@ void filter_rows(const scalar_t* x, int64_t N, int64_t M, int64_t k, const Epilo
   });
 }
 
+// The filter over the rows of the contiguous x through the epilogue make(scalar_t{}) returns; k >= M: epi.all.
+template <typename Make>
+void filter_op(const char* name, const at::Tensor& x, int64_t k, const Make& make) {
+  if (x.numel() == 0) return;
+  const int64_t N = x.size(0), M = x.numel() / N;
+  TORCH_CHECK(M < (int64_t(1) << 32), name, ": rows of 2^32 values or more are not supported, got ", M);
+  // (the dtype was checked before: the dispatch name, which must be a literal, never shows in an error)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lrp_scratch_filter_cpu", [&] {
+    const auto epi = make(scalar_t{});
+    if (k >= M) {  // everything is kept: no order is needed, so NaN passes too
+      at::parallel_for(0, x.numel(), kChunk, [&](int64_t b, int64_t e) { epi.all(b, e); });
+      return;
+    }
+    filter_rows<scalar_t>(x.const_data_ptr<scalar_t>(), N, M, k, epi);
+  });
+}
+
 at::Tensor relevance_filter_cpu(const at::Tensor& r, int64_t k) {
   check_relevance_filter_args("relevance_filter", r, k);
   const at::Tensor x = r.contiguous();
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  const int64_t N = x.size(0);
-  if (out.numel() == 0) return out;
-  const int64_t M = x.numel() / N;
-  TORCH_CHECK(M < (int64_t(1) << 32), "relevance_filter: rows of 2^32 values or more are not supported, got ", M);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "relevance_filter_cpu", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    if (k >= M) {  // everything is kept: a copy (no order is needed, so NaN passes too)
-      at::parallel_for(0, x.numel(), kChunk, [&](int64_t b, int64_t e) { std::memcpy(op + b, xp + b, (e - b) * sizeof(scalar_t)); });
-      return;
-    }
-    filter_rows<scalar_t>(xp, N, M, k, FilterEpilogue<scalar_t>{xp, op});
+  filter_op("relevance_filter", x, k, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    return FilterEpilogue<scalar_t>{x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>()};
   });
   return out;
 }
@@ -822,20 +833,10 @@ at::Tensor filtered_stabilized_div_cpu(const at::Tensor& r, const at::Tensor& de
   const at::Tensor x = r.contiguous();
   const at::Tensor d = den.contiguous();
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  const int64_t N = x.size(0);
-  if (out.numel() == 0) return out;
-  const int64_t M = x.numel() / N;
-  TORCH_CHECK(M < (int64_t(1) << 32), "filtered_stabilized_div: rows of 2^32 values or more are not supported, got ", M);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "filtered_stabilized_div_cpu", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* dp = d.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const DivEpilogue<scalar_t> epi{xp, dp, op, eps};
-    if (k >= M) {  // nothing is filtered: the plain stabilised division
-      at::parallel_for(0, x.numel(), kChunk, [&](int64_t b, int64_t e) { epi.all(b, e); });
-      return;
-    }
-    filter_rows<scalar_t>(xp, N, M, k, epi);
+  filter_op("filtered_stabilized_div", x, k, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    return DivEpilogue<scalar_t>{x.const_data_ptr<scalar_t>(), d.const_data_ptr<scalar_t>(),
+                                 out.mutable_data_ptr<scalar_t>(), eps};
   });
   return out;
 }
