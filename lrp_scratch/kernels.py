@@ -54,9 +54,10 @@ class _KernelState:
     cuda: bool = os.environ.get('LRP_SCRATCH_CUDA_KERNELS') == '1'  # CUDA kernels are opt-in (see below)
 _state = _KernelState()
 
-_ACTIVE = {}  # op -> device types whose compiled kernel is used (OP_DEVICES, less CUDA unless opted in)
+_ACTIVE = {}  # op -> device types whose compiled kernel is used: OP_DEVICES, less CUDA unless opted in, none on the reference path
 def _refresh_active():
-    for name in OPS: _ACTIVE[name] = frozenset(d for d in OP_DEVICES[name] if d != 'cuda' or _state.cuda)
+    for name in OPS:
+        _ACTIVE[name] = frozenset() if _state.reference else frozenset(d for d in OP_DEVICES[name] if d != 'cuda' or _state.cuda)
 _refresh_active()
 
 def _set_flag(name: str, on: bool) -> bool:
@@ -85,7 +86,7 @@ def kernels_active(device: str|torch.device = 'cpu', # device of the tensors
                    op: str = 'stabilized_div', # which op (see `OPS`)
                   ) -> bool:
     "Whether `op` on tensors of `device` runs its compiled kernel."
-    return HAS_C and not _state.reference and torch.device(device).type in _ACTIVE.get(op, ())
+    return torch.device(device).type in _ACTIVE.get(op, ())
 
 # %% ../nbs/02_kernels.ipynb #e7e4f643
 def use_cuda_kernels(on: bool = True # True: CUDA tensors use the compiled CUDA kernels
@@ -152,30 +153,16 @@ def stabilized_div(num: torch.Tensor, # numerator, e.g. the relevance of a layer
                   ) -> torch.Tensor:
     "`num / (den + eps*s(den))` with s(0)=+1, and 0 where that denominator is 0; compiled kernel when available."
     _check_stabilized_div_args(num, den, eps)
-    if HAS_C and not _state.reference and num.device.type in _ACTIVE['stabilized_div']:  # kernels_active, inlined: a hot path
+    if num.device.type in _ACTIVE['stabilized_div']:  # kernels_active, inlined: a hot path
         return torch.ops.lrp_scratch.stabilized_div(num, den, float(eps))
     return stabilized_div_ref(num, den, eps)
 
 # %% ../nbs/02_kernels.ipynb #a203ca20
 def _register_stabilized_div():
-    "Shape function (for torch.compile / fake tensors) of the compiled op; its backward is registered in C++ (here only for builds without it)."
+    "Shape function of the compiled op (for torch.compile / fake tensors); its backward is registered in C++."
     name = 'lrp_scratch::stabilized_div'
     torch.library.register_fake(name)(
         lambda num, den, eps: num.new_empty(torch.broadcast_shapes(num.shape, den.shape)))
-    if torch._C._dispatch_has_kernel_for_dispatch_key(name, 'Autograd'): return
-
-    def setup_context(ctx, inputs, output):
-        num, den, eps = inputs
-        ctx.save_for_backward(den, output)
-        ctx.eps, ctx.num_shape = eps, num.shape
-
-    def backward(ctx, grad):
-        den, out = ctx.saved_tensors
-        g_num = torch.ops.lrp_scratch.stabilized_div(grad, den, ctx.eps)  # d out/d num = 1/q (0 where q = 0)
-        g_den = -g_num * out                                                # d out/d den = -num/q^2 = -(1/q) * out
-        return g_num.sum_to_size(ctx.num_shape), g_den.sum_to_size(den.shape), None
-
-    torch.library.register_autograd(name, backward, setup_context=setup_context)
 
 if HAS_C: _register_stabilized_div()
 
@@ -215,7 +202,7 @@ def relevance_filter(r: torch.Tensor, # relevance, (N, ...): one row of values p
                     ) -> torch.Tensor:
     "Per sample keep the k largest values of `r` (ties: lowest index first) and write 0 elsewhere; compiled kernel when available."
     _check_filter_args('relevance_filter', r, k)
-    if HAS_C and not _state.reference and r.device.type in _ACTIVE['relevance_filter']:
+    if r.device.type in _ACTIVE['relevance_filter']:
         return torch.ops.lrp_scratch.relevance_filter(r.detach(), k)
     return relevance_filter_ref(r, k)
 
@@ -261,7 +248,7 @@ def filtered_stabilized_div(r: torch.Tensor, # relevance at a layer's output, (N
                            ) -> torch.Tensor:
     "`stabilized_div(relevance_filter(r, k), den, eps)` in one selection pass and one fused pass; compiled kernel when available."
     _check_fused_args(r, den, eps, k)
-    if HAS_C and not _state.reference and r.device.type in _ACTIVE['filtered_stabilized_div']:
+    if r.device.type in _ACTIVE['filtered_stabilized_div']:
         return torch.ops.lrp_scratch.filtered_stabilized_div(r.detach(), den.detach(), float(eps), k)
     return filtered_stabilized_div_ref(r, den, eps, k)
 
@@ -290,21 +277,14 @@ def mul_sum_channels(a: torch.Tensor, # (N, C, ...), e.g. the input of the first
                     ) -> torch.Tensor:
     "`(a * c).sum(1)` without storing the product; compiled kernel when available."
     _check_msc_args(a, c)
-    if HAS_C and not _state.reference and a.device.type in _ACTIVE['mul_sum_channels']:
+    if a.device.type in _ACTIVE['mul_sum_channels']:
         return torch.ops.lrp_scratch.mul_sum_channels(a, c)
     return mul_sum_channels_ref(a, c)
 
 # %% ../nbs/02_kernels.ipynb #05dcaf06
 def _register_mul_sum_channels():
-    "Shape function of the compiled op; its backward is registered in C++ (here only for builds without it)."
+    "Shape function of the compiled op; its backward is registered in C++."
     name = 'lrp_scratch::mul_sum_channels'
     torch.library.register_fake(name)(lambda a, c: a.new_empty(a.shape[:1] + a.shape[2:]))
-    if torch._C._dispatch_has_kernel_for_dispatch_key(name, 'Autograd'): return
-    def setup_context(ctx, inputs, output): ctx.save_for_backward(*inputs)
-    def backward(ctx, g):
-        a, c = ctx.saved_tensors
-        g = g.unsqueeze(1)
-        return g * c, g * a
-    torch.library.register_autograd(name, backward, setup_context=setup_context)
 
 if 'cpu' in OP_DEVICES['mul_sum_channels']: _register_mul_sum_channels()
