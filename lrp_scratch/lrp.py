@@ -624,10 +624,10 @@ _SAFE_NAMES = GRADIENT_METHODS | SHAPE_METHODS | {'__getitem__', 'cat', 'concat'
                                                   'size', 'requires_grad', 'is_floating_point', 'dtype', 'device', 'shape'}
 
 class _FunctionAudit(TorchFunctionMode):
-    "Without a graph: raise on any tensor op between modules that is not pure data movement (it would need a rule)."
+    "Without a graph: note every tensor op between modules that is not pure data movement; `check` raises if the output uses one."
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.depth, self.where, self.handles = 0, [''], []
+        self.depth, self.where, self.handles, self.suspects = 0, [''], [], {}
         names = {m: n for n, m in model.named_modules()}
         for m in model.modules():
             leaf = next(m.children(), None) is None
@@ -639,19 +639,26 @@ class _FunctionAudit(TorchFunctionMode):
         for h in self.handles: h.remove()
         return super().__exit__(*exc)
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.depth == 0:
+        out = func(*args, **(kwargs or {}))
+        if self.depth == 0 and isinstance(out, torch.Tensor) and out.grad_fn is not None:
             name = resolve_name(func) or getattr(func, '__name__', repr(func))
-            short = name.removesuffix('.__get__').split('.')[-1]
-            tensors = [a for a in (*args, *kwargs.values()) for a in (a if isinstance(a, (list, tuple)) else (a,))
-                       if isinstance(a, torch.Tensor)]
-            if short not in _SAFE_NAMES and not name.endswith('__get__') and any(t.requires_grad for t in tensors):
+            if name.removesuffix('.__get__').split('.')[-1] not in _SAFE_NAMES and not name.endswith('__get__'):
+                self.suspects[out.grad_fn] = (name, self.where[-1])
+        return out
+    def check(self, out: torch.Tensor):
+        "Raise if the output depends on an op that needs a rule (ops used only for control flow are fine)."
+        seen, todo = set(), [out.grad_fn]
+        while todo:
+            f = todo.pop()
+            if f is None or f in seen: continue
+            if f in self.suspects:
+                name, where = self.suspects[f]
                 raise UnsupportedOpError(
-                    f"LRP cannot see the ops between the modules of this model (torch.fx could not trace it), and it would "
-                    f"need a rule for `{name}` called in `{self.where[-1] or '<model>'}`: explaining it would return wrong "
-                    f"relevance. Make the model traceable by torch.fx, or move the op into an nn.Module and give it a rule "
-                    f"with the composite's layer_map.")
-        return func(*args, **kwargs)
+                    f"LRP cannot see the ops between the modules of this model (torch.fx could not trace it), and the output "
+                    f"depends on `{name}` called in `{where or '<model>'}`, which needs a rule: explaining it would return "
+                    f"wrong relevance. Make the model traceable by torch.fx, or move the op into an nn.Module and give it "
+                    f"a rule with the composite's layer_map.")
+            seen.add(f); todo.extend(g for g, _ in f.next_functions)
 
 # %% ../nbs/08_lrp.ipynb #e7f709e4
 def _seed(out: torch.Tensor, target) -> torch.Tensor:
@@ -760,8 +767,9 @@ def explain(self: LRPModel,
             _override_forward(stack, m, _rule_forward(_Node(name, m, rule, params, fn, top_k, self.renormalize, record)))
         xg = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            with _FunctionAudit(self.model) if graph.module is None else nullcontext():  # it watches the forward only
+            with _FunctionAudit(self.model) if graph.module is None else nullcontext() as audit:  # the forward only
                 out = run(xg)
+            if audit is not None and isinstance(out, torch.Tensor): audit.check(out)
             if not isinstance(out, torch.Tensor): raise TypeError(f"the model returned {type(out).__name__}; LRP needs a tensor output")
             seed = _seed(out, target)
             if not out.requires_grad:
