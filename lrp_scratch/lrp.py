@@ -603,8 +603,9 @@ def _rule_forward(node: _Node) -> Callable:
     def forward(*args, **kwargs):
         ok = args and not kwargs and all(isinstance(a, torch.Tensor) for a in args)
         if not ok or (len(args) != 1 and not isinstance(node.module, Op)):
-            raise TypeError(f"LRP: `{node.name}` ({type(node.module).__name__}) was called with {len(args)} positional and "
-                            f"{len(kwargs)} keyword arguments; rules handle modules with one tensor input")
+            kinds = ', '.join(type(a).__name__ for a in args)
+            raise TypeError(f"LRP: `{node.name}` ({type(node.module).__name__}) was called with {len(args)} positional ({kinds}) "
+                            f"and {len(kwargs)} keyword arguments; rules handle modules with one tensor input (ops: tensors only)")
         return _RuleFunction.apply(node, *args)
     return forward
 
@@ -779,8 +780,15 @@ def explain(self: LRPModel,
             composite: Composite|str|None = None, # rules for this call, or a preset's name (default: the model's composite)
             return_layers: bool = False, # also return {module name: LayerRelevance} for every module and op with a rule
             top_k: float|None = None, # relevance filter for this call (default: the model's top_k)
+            conditions=None, # concept conditions {layer: channels} or a list of K: returns (K, N, ...) (see Concept relevance)
+            exclusive: bool = True, # with conditions: drop relevance that bypasses a conditioned layer
            ):
     "Relevance of `x` (same shape and device) and the model output; plus per-layer relevance when asked."
+    if conditions is not None:
+        if return_layers: raise ValueError("return_layers is not available with conditions")
+        from lrp_scratch.crp import conditional_relevance
+        lm = self if top_k is None else LRPModel(self.model, top_k, self.composite, self.renormalize, self.cache_params)
+        return conditional_relevance(lm, x, target, conditions, exclusive, composite=composite)
     self._check_input(x)
     record = {} if return_layers else None
     with self.rules_applied(composite, top_k, record) as (run, _):
