@@ -405,7 +405,7 @@ def cmd_explain_dataset(args) -> int:
     data = load_datasets(args.dataset, args.root, getattr(args, 'n_train', 6000), args.n_test, args.seed, not args.no_download,
                          args.mnist_test_only, only_test=args.split == 'test')
     ds = data if args.split == 'test' else data[0]
-    t0 = time.perf_counter()
+    resumed, t0 = (out/'manifest.json').exists(), time.perf_counter()
     try:
         store = explain_dataset(model, ds, out, composite=make_composite(args.composite), target=args.target, batch_size=args.batch_size,
                                 top_k=args.top_k, reduce='none' if args.full_maps else 'sum', chunk_size=args.chunk_size,
@@ -415,7 +415,7 @@ def cmd_explain_dataset(args) -> int:
     if not is_main(): return 0
     size = sum(p.stat().st_size for p in out.rglob('*') if p.is_file())
     print(f"explained {len(store):,} {args.dataset} {args.split} images ({args.composite}, target {args.target}) in {dt:.1f} s "
-          f"({len(store) / dt:.0f} images/s, counting what an earlier run had done); store: {_rel(out)} ({len(store.chunks)} chunks, {size / 1e6:.1f} MB)")
+          f"({len(store) / dt:.0f} images/s{', part of them done by an earlier run' if resumed else ''}); store: {_rel(out)} ({len(store.chunks)} chunks, {size / 1e6:.1f} MB)")
     if args.hdf5 is not None: print(f"  ViRelAy attribution file: {_rel(store.to_hdf5(args.hdf5))}")
     return 0
 

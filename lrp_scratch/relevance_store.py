@@ -337,20 +337,21 @@ class RelevanceStore:
         opened = [_open_chunk(*chunk_files(self.path, r), r, self.shape, self.n_classes) for r in self.chunks]
         self._rel = [a for a, _ in opened]
         self.items = np.concatenate([np.asarray(b) for _, b in opened])
+        self._cols = {f: np.ascontiguousarray(self.items[f]) for f in self.items.dtype.names}  # plain arrays (torch can index with them)
 
     def __len__(self) -> int: return len(self.items)
     @property
-    def index(self) -> np.ndarray: return self.items['index']
+    def index(self) -> np.ndarray: return self._cols['index']
     @property
-    def label(self) -> np.ndarray: return self.items['label']
+    def label(self) -> np.ndarray: return self._cols['label']
     @property
-    def target(self) -> np.ndarray: return self.items['target']
+    def target(self) -> np.ndarray: return self._cols['target']
     @property
-    def prediction(self) -> np.ndarray: return self.items['prediction']
+    def prediction(self) -> np.ndarray: return self._cols['prediction']
     @property
-    def score(self) -> np.ndarray: return self.items['score']
+    def score(self) -> np.ndarray: return self._cols['score']
     @property
-    def output(self) -> np.ndarray: return self.items['output']
+    def output(self) -> np.ndarray: return self._cols['output']
 
     def __repr__(self):
         m = self.manifest
