@@ -125,3 +125,23 @@ def test_analysis_extra_in_package_metadata(tmp_path):
         elif line.strip() and cur: extras[cur].append(line.strip())
     assert {"scipy", "scikit-learn", "h5py"} <= set(extras.get("analysis", [])), req
     assert "nbdev==2.4.14" in extras.get("dev", []), req
+
+
+def test_spray_eigenvalues_match_corelay():
+    "Our spectrum (sklearn kNN graph, scipy eigsh) against CoRelAy's processors on the same features (GPL/LGPL: a test-only, optional check)."
+    pytest.importorskip("corelay", reason="CoRelAy is not installed (optional; never a dependency of lrp_scratch)")
+    import numpy as np
+    from scipy.spatial.distance import pdist, squareform
+    from corelay.processor.affinity import SparseKNN
+    from corelay.processor.embedding import EigenDecomposition
+    from corelay.processor.laplacian import SymmetricNormalLaplacian
+    from lrp_scratch.spray import knn_affinity, normalize_maps, pool_maps, spectral_embedding
+
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(150, 32, 32))
+    maps[:40, :8, :8] += 3  # a group with an artifact
+    x = normalize_maps(pool_maps(maps, 8)).reshape(150, -1)
+    ours, _ = spectral_embedding(knn_affinity(x, 10), 8)
+    affinity = SparseKNN(n_neighbors=10, symmetric=True)(squareform(pdist(x)))
+    eigval, _ = EigenDecomposition(n_eigval=8)(SymmetricNormalLaplacian()(affinity))
+    np.testing.assert_allclose(np.sort(eigval), ours, rtol=0, atol=1e-8)
