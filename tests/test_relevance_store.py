@@ -137,11 +137,12 @@ def test_spray_eigenvalues_match_corelay():
     from corelay.processor.laplacian import SymmetricNormalLaplacian
     from lrp_scratch.spray import knn_affinity, normalize_maps, pool_maps, spectral_embedding
 
-    rng = np.random.default_rng(0)
-    maps = rng.normal(size=(150, 32, 32))
-    maps[:40, :8, :8] += 3  # a group with an artifact
-    x = normalize_maps(pool_maps(maps, 8)).reshape(150, -1)
-    ours, _ = spectral_embedding(knn_affinity(x, 10), 8)
-    affinity = SparseKNN(n_neighbors=10, symmetric=True)(squareform(pdist(x)))
-    eigval, _ = EigenDecomposition(n_eigval=8)(SymmetricNormalLaplacian()(affinity))
-    np.testing.assert_allclose(np.sort(eigval), ours, rtol=0, atol=1e-8)
+    for strength in (3.0, 0.5):  # a group with an artifact: a graph of two components, and one connected graph
+        rng = np.random.default_rng(0)
+        maps = rng.normal(size=(150, 32, 32))
+        maps[:40, :8, :8] += strength
+        x = normalize_maps(pool_maps(maps, 8)).reshape(150, -1)
+        ours, _ = spectral_embedding(knn_affinity(x, 10), 8)
+        affinity = SparseKNN(n_neighbors=10, symmetric=True)(squareform(pdist(x)))
+        eigval, _ = EigenDecomposition(n_eigval=8)(SymmetricNormalLaplacian()(affinity))
+        np.testing.assert_allclose(np.sort(eigval), ours, rtol=0, atol=1e-8)
