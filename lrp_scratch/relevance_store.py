@@ -227,8 +227,8 @@ def explain_dataset(model: nn.Module, # the classifier (in eval mode for explana
                     indices: Sequence[int]|None = None, # the dataset items to explain, in this order (default: all)
                     device: str|torch.device|None = None, # where to compute (default: the model's device)
                     progress: bool|str = True, # a progress bar with images/s (rank 0 only; 'text': always a text bar)
-                   ) -> RelevanceStore:
-    "Explain every item of `dataset` and store the relevance, outputs and labels in `out_dir` (resumable; sharded under torchrun)."
+                   ): # the `RelevanceStore` of `out_dir` (defined below; no annotation, so the docs can evaluate the signature)
+    "Explain every item of `dataset` and store the relevance, outputs and labels in `out_dir`; returns its `RelevanceStore` (resumable; sharded under torchrun)."
     if not isinstance(model, nn.Module): raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not hasattr(dataset, '__len__') or not hasattr(dataset, '__getitem__'):
         raise TypeError(f"dataset must be a dataset (with __len__ and __getitem__) of (image, label) items, got {type(dataset).__name__}")
