@@ -10,12 +10,13 @@ from typing import Sequence
 import numpy as np
 import torch
 import matplotlib.pyplot as plt
+from .core import atomic_write
 from .relevance_store import RelevanceStore, require
 from .visualization import relevance_to_rgb
 
 # %% auto #0
 __all__ = ['pool_maps', 'normalize_maps', 'knn_affinity', 'normalized_laplacian', 'spectral_embedding', 'eigengap',
-           'SprayCluster', 'SprayResult', 'spray', 'plot_spray', 'mark_digits']
+           'SprayCluster', 'SprayResult', 'spray', 'plot_spray', 'analysis_to_hdf5', 'mark_digits']
 
 # %% ../nbs/16_spray.ipynb #c0c28d80
 def _size(size) -> tuple[int, int]:
@@ -247,6 +248,32 @@ def plot_spray(result: SprayResult, # what `spray` returned
     fig.suptitle(title or (f"SpRAy of class {result.label}" if result.label is not None else 'SpRAy'), fontsize=10)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/16_spray.ipynb #37df026f
+def analysis_to_hdf5(results: SprayResult|Sequence[SprayResult], # one result per class
+                     path, # the .h5 file to write
+                    ):
+    "Write SpRAy results as a ViRelAy analysis file (one group per class); returns the path."
+    h5py = require('h5py', 'analysis_to_hdf5')
+    results = [results] if isinstance(results, SprayResult) else list(results)
+    names = [str(r.label) if r.label is not None else 'all' for r in results]
+    if len(set(names)) != len(names): raise ValueError(f"one result per class: got classes {names}")
+    def write(f):  # h5py writes the temporary file of atomic_write by its name
+        with h5py.File(f.name, 'w') as h:
+            for name, r in zip(names, results):
+                g = h.create_group(name)
+                g.attrs['name'] = f"SpRAy of class {name}"
+                g.create_dataset('index', data=r.index.astype(np.uint32))
+                e = g.create_group('embedding')
+                spec = e.create_dataset('spectral', data=r.eigenvectors.astype(np.float32))
+                spec.attrs['eigenvalue'] = r.eigenvalues.astype(np.float32)
+                view = e.create_dataset('tsne' if r.embedding_method == 'tsne' else 'spectral-2d', data=r.embedding.astype(np.float32))
+                view.attrs['embedding'] = 'spectral'
+                if r.embedding_method == 'spectral': view.attrs['index'] = np.array([1, 2], dtype=np.uint32)
+                c = g.create_group('cluster').create_dataset(f'kmeans-{r.n_clusters}', data=r.assignment.astype(np.uint32))
+                c.attrs['#clusters'] = r.n_clusters
+                for k, v in r.params.items(): g.attrs[f'spray.{k}'] = str(v)
+    return atomic_write(path, write)
 
 # %% ../nbs/16_spray.ipynb #d700d025
 def mark_digits(images: torch.Tensor, # uint8 digits (N, H, W), e.g. from `make_digits`
