@@ -148,3 +148,22 @@ def test_spray_eigenvalues_match_corelay():
         # of L: on the connected graph here it returns 1.504 in place of 0.504)
         eigval, _ = EigenDecomposition(n_eigval=8, which='LA')(SymmetricNormalLaplacian()(affinity))
         np.testing.assert_allclose(np.sort(eigval), ours, rtol=0, atol=1e-8)
+
+
+def test_missing_analysis_extra_is_named():
+    "Without scikit-learn / scipy / h5py the package imports, and SpRAy and the HDF5 export say which extra to install."
+    code = textwrap.dedent("""
+        import sys
+        for m in ('sklearn', 'scipy', 'h5py'): sys.modules[m] = None  # as if not installed
+        import numpy as np
+        import lrp_scratch.relevance_store, lrp_scratch.spray as s
+        for f in (lambda: s.spray(np.zeros((5, 8, 8))), lambda: s.knn_affinity(np.zeros((5, 2)), 2),
+                  lambda: s.normalized_laplacian(np.eye(3)), lambda: lrp_scratch.relevance_store.require('h5py', 'the HDF5 export')):
+            try: f(); print('no error')
+            except ImportError as e: print(e)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert len(lines) == 4 and all("pip install 'lrp_scratch[analysis]'" in l for l in lines), p.stdout
+    assert "SpRAy needs scikit-learn" in lines[0] and "needs scipy" in lines[2] and "needs h5py" in lines[3], p.stdout
