@@ -258,6 +258,9 @@ def explain_dataset(model: nn.Module, # the classifier (in eval mode for explana
             raise StoreError(f"{out_dir} holds results computed with other arguments, which cannot be mixed with these: " + '; '.join(diff) +
                              ". Call explain_dataset with the store's arguments to resume it, or give another out_dir")
     else:  # every rank writes the same bytes (atomically): no rank has to wait for another
+        if (out_dir/'chunks').is_dir() and any((out_dir/'chunks').glob('*.npy')):  # (every rank writes the manifest before its chunks)
+            raise StoreError(f"{out_dir} holds chunk files but no {MANIFEST}: what computed them is unknown, so they cannot be resumed; "
+                             "delete the folder or give another out_dir")
         text = json.dumps(manifest, indent=1)
         atomic_write(out_dir/MANIFEST, lambda f: f.write(text.encode()))
     shape = tuple(manifest['shape'])
