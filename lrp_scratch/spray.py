@@ -63,8 +63,8 @@ def knn_affinity(x: np.ndarray, # features (n, d)
     k = neighbors.kneighbors_graph(x, int(n_neighbors), mode='connectivity', include_self=False)
     return ((k + k.T) / 2).tocsr()
 
-def normalized_laplacian(a) -> np.ndarray:
-    "`L = I - D^-1/2 A D^-1/2` of a (sparse or dense) affinity matrix, as a scipy sparse matrix."
+def normalized_laplacian(a): # an affinity matrix (n x n, sparse or dense)
+    "`L = I - D^-1/2 A D^-1/2` of an affinity matrix, as a scipy sparse CSR matrix."
     sparse = require('scipy.sparse', 'SpRAy', pip_name='scipy')
     a = sparse.csr_matrix(a, dtype=np.float64)
     d = np.asarray(a.sum(1)).ravel()
