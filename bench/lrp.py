@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """LRP speed (and peak memory) against the plain input gradient and against Zennit, measured in one run.
 
-    python bench/lrp.py                       # both cases, speed
+    python bench/lrp.py                       # every case, speed (ResNet-50 takes minutes on a CPU)
     python bench/lrp.py --case vgg11 --reps 7 # one case
     python bench/lrp.py --memory              # peak memory of one call per method, each in a fresh process
     python bench/lrp.py --case resnet50 --reps 3   # torchvision ResNet-50, 224x224, batch 8 (slow on a CPU)
