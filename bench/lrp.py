@@ -17,8 +17,7 @@ see the LRP coverage page), and only the EpsilonPlusFlat rows are measured (the 
 "zennit EpsilonPlusFlat" registers the composite (and applies the canonizer) in every call, as `with Gradient(...)`
 around each call does; "(registered once)" runs on a copy of the model with the hooks registered once, the steady state.
 """
-import copy
-import argparse, gc, json, os, statistics, subprocess, sys, time
+import argparse, copy, gc, json, os, statistics, subprocess, sys, time
 
 import torch
 import torch.nn as nn
