@@ -228,7 +228,7 @@ def test_tester_equals_one_process(core):
             assert got['n'] == single['n'] == N_TEST
             assert got['confusion_matrix'] == single['confusion_matrix']
             assert got['report'] == single['report'] and got['accuracy'] == single['accuracy']
-            assert math.isclose(got['loss'], single['loss'], rel_tol=1e-12)
+            assert math.isclose(got['loss'], single['loss'], rel_tol=1e-6)  # batch losses are float32, and the batches differ
 
 
 def test_logs_on_rank_zero_only(core):
