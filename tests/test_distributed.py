@@ -278,6 +278,34 @@ def test_sync_batchnorm_needs_cuda():
         Trainer(TinyNet(), [(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))], sync_batchnorm=True, device='cpu')
 
 
+CLI_TINY = ['--n-train', '200', '--n-test', '50', '--width', '0.125', '--batch-size', '16', '--no-progress', '--device', 'cpu', '--scheduler', 'step']
+
+def test_cli_train_nproc_then_torchrun_resumes(tmp_path):
+    "`lrp-scratch train --nproc 2`, then `torchrun -m lrp_scratch train` with the same --out continues it; `test` rebuilds the model."
+    from lrp_scratch.cli import main
+    from lrp_scratch.trainers import load_checkpoint
+    env = {**os.environ, 'GLOO_SOCKET_IFNAME': 'lo', 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
+    first = subprocess.run([sys.executable, '-m', 'lrp_scratch', 'train', '--nproc', '2', '--out', 'run', '--epochs', '1', *CLI_TINY],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    _ok(first)
+    assert first.stdout.count('trained 1 epoch') == 1  # rank 0 prints the summary
+    ck = load_checkpoint(tmp_path/'run'/'checkpoint.pt')
+    assert (ck['epoch'], ck['world_size'], ck['config']['model_config']['width']) == (1, 2, 0.125)
+    assert not any(k.startswith('module.') for k in ck['model'])
+    second = torchrun('train', '--out', 'run', '--epochs', '2', *CLI_TINY, cwd=tmp_path, module='lrp_scratch')
+    _ok(second)
+    assert 'auto_resume: continuing from run/checkpoint.pt' in (tmp_path/'run'/'log.txt').read_text()
+    ck = load_checkpoint(tmp_path/'run'/'checkpoint.pt')
+    assert ck['epoch'] == 2 and len(ck['history']['epoch']) == 2
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert main(['test', 'run/checkpoint.pt', '--n-test', '50', '--no-progress']) == 0
+        assert main(['train', '--nnodes', '2', '--out', 'x']) == 1  # launcher options need --nproc
+    finally: os.chdir(cwd)
+    assert (tmp_path/'run'/'test_report.json').exists()
+
+
 if __name__ == '__main__':
     sys.path.insert(0, str(ROOT))
     scenario, out = sys.argv[1], Path(sys.argv[2])
