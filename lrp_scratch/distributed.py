@@ -14,7 +14,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 __all__ = ['DistributedSetupError', 'DistEnv', 'dist_env', 'local_device', 'is_initialized', 'init_distributed',
            'shutdown_distributed', 'get_rank', 'get_world_size', 'is_main', 'barrier', 'shard_range', 'all_reduce_sum',
            'all_gather_object', 'broadcast_object', 'rank_prefix', 'RankFilter', 'rank_zero_logging',
-           'distributed_loader', 'set_loader_epoch']
+           'distributed_loader', 'is_sharded', 'set_loader_epoch']
 
 # %% ../nbs/09a_distributed.ipynb #17181e22
 from .data_loaders import TensorLoader, _AugmentedLoader
@@ -244,10 +244,21 @@ def distributed_loader(dl, # a loader built for one process: ours, torch's DataL
                 seed = dl.generator.initial_seed() if dl.generator is not None else 0
                 sampler = DistributedSampler(dl.dataset, num_replicas=w, rank=r, shuffle=isinstance(dl.sampler, RandomSampler), seed=seed)
             else: sampler = shard_range(n, r, w)
-            return _rebuilt_dataloader(dl, sampler)
+            out = _rebuilt_dataloader(dl, sampler)
+            out._shard = (r, w)
+            return out
     warnings.warn(f"{rank_prefix()}cannot split a {type(dl).__name__} between the {w} ranks: every rank iterates all of it. Pass a "
                   "TensorLoader, a torch DataLoader with its default sampler, or one with a DistributedSampler", stacklevel=2)
     return dl
+
+def is_sharded(dl) -> bool:
+    "Whether `dl` serves one rank's share (a sharded `TensorLoader`, a `DistributedSampler`, a loader `distributed_loader` built)."
+    for _ in range(4):
+        if dl is None: return False
+        if getattr(dl, 'world_size', 1) > 1 or getattr(dl, '_shard', None) is not None or isinstance(getattr(dl, 'sampler', None), DistributedSampler):
+            return True
+        dl = getattr(dl, 'dl', None)
+    return False
 
 _EPOCH_WALK = ('sampler', 'batch_sampler', 'dl', 'loader')
 

@@ -12,7 +12,10 @@ from .core import get_device
 from .loss_funcs import CrossEntropyLoss
 from .metrics import ClassificationMetrics, ClassificationReport
 from fastcore.basics import patch
-from .distributed import all_gather_object, all_reduce_sum, dist_env, distributed_loader, get_world_size, init_distributed, is_initialized, is_main, local_device
+import warnings
+from torch.utils.data import DistributedSampler
+from .distributed import (all_gather_object, all_reduce_sum, dist_env, distributed_loader, get_world_size, init_distributed,
+    is_initialized, is_main, is_sharded, local_device, rank_prefix)
 
 # %% auto #0
 __all__ = ['TestReport', 'Tester']
@@ -162,10 +165,11 @@ def _setup_distributed(self: Tester, distributed: bool|str):
     if self.world_size == 1: return
     self.device = local_device(self.device)
     self.model.to(self.device)
-    dl = self.test_dataloader
-    self.test_dataloader = distributed_loader(dl, train=False)
-    # the counts are summed only when every rank tests its own share (an unsplittable loader: each rank tests all of it)
-    self._sum_ranks = self.test_dataloader is not dl or getattr(dl, 'world_size', 1) > 1 or hasattr(getattr(dl, 'sampler', None), 'set_epoch')
+    if isinstance(getattr(self.test_dataloader, 'sampler', None), DistributedSampler):
+        warnings.warn(f"{rank_prefix()}the test loader has a DistributedSampler, which pads the test set with repeated images: the report counts "
+                      "them twice. Pass the plain loader: the Tester splits it into unpadded shares itself", stacklevel=3)
+    self.test_dataloader = distributed_loader(self.test_dataloader, train=False)
+    self._sum_ranks = is_sharded(self.test_dataloader)  # an unsplittable loader: every rank tests all of it, nothing to sum
 
 @patch
 def _reduce(self: Tester, acc: ClassificationMetrics|None, n: int, loss_sum: float):

@@ -117,6 +117,12 @@ def worker_core(out: Path):
     u.run()
     res['uneven'] = dict(steps=int(u.optimizer.state_dict()['state'][0]['step']), seconds=time.perf_counter() - t0)
     torch.save(params(u.model), out/f'final_uneven_rank{rank}.pt')
+    # mixed precision (bfloat16 autocast on the CPU) under DDP: the ranks stay identical
+    from lrp_scratch.trainers import MPTrainer
+    m = MPTrainer(TinyNet(dtype=torch.float32), *exact_loaders('plain', B, reference=False), train_epochs=1, progress=False, seed=0)
+    m.run()
+    torch.save(params(m.model), out/f'final_mixed_rank{rank}.pt')
+    res['mixed'] = m.history.to_dict()
     # the Tester on odd-sized test sets (contiguous unpadded shares + one reduction)
     res['tester'] = {name: Tester(m, dl, verbose=False).run().to_dict() for name, m, dl in _tester_setups()}
     # the uninterrupted run of the kill-and-resume test
@@ -218,6 +224,13 @@ def test_uneven_batches_do_not_hang(core):
     assert _max_diff(a, b) == 0.0
 
 
+def test_mixed_precision_ranks_agree(core):
+    out, res, _ = core
+    a, b = (torch.load(out/f'final_mixed_rank{r}.pt', weights_only=True) for r in range(2))
+    assert _max_diff(a, b) == 0.0
+    assert res[0]['mixed']['train_loss'] == res[1]['mixed']['train_loss'] and math.isfinite(res[0]['mixed']['train_loss'][0])
+
+
 def test_tester_equals_one_process(core):
     from lrp_scratch.testers import Tester
     out, res, _ = core
@@ -234,8 +247,8 @@ def test_tester_equals_one_process(core):
 def test_logs_on_rank_zero_only(core):
     out, res, p = core
     log = p.stdout + p.stderr
-    assert log.count('distributed: 2 processes (gloo)') == 7  # one line per distributed run, from rank 0 only
-    assert log.count(f'epoch {EPOCHS}/{EPOCHS}: train loss') == 5 and log.count('img/s on 2 processes') == 5 * EPOCHS + 2 + 4  # rank 0's epoch lines
+    assert log.count('distributed: 2 processes (gloo)') == 8  # one line per distributed run, from rank 0 only
+    assert log.count(f'epoch {EPOCHS}/{EPOCHS}: train loss') == 5 and log.count('img/s on 2 processes') == 5 * EPOCHS + 2 + 1 + 4  # rank 0's epoch lines
     assert log.count('saved checkpoint') == 5 * EPOCHS + 4  # one writer
     assert '[rank 0/2] another rank ran out of batches after 2' in log  # warnings carry the rank
     assert '[rank 0/2] cannot split a list' in log and '[rank 1/2] cannot split a list' in log  # and come from every rank
