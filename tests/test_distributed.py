@@ -125,6 +125,11 @@ def worker_core(out: Path):
     res['mixed'] = m.history.to_dict()
     # the Tester on odd-sized test sets (contiguous unpadded shares + one reduction)
     res['tester'] = {name: Tester(m, dl, verbose=False).run().to_dict() for name, m, dl in _tester_setups()}
+    # a grid search: every rank runs every trial data-parallel; rank 0 writes the results
+    from lrp_scratch.parameter_tuning import GridSearch
+    gs = GridSearch(lambda: TinyNet(), dict(learning_rate=[0.01, 0.03]), exact_loaders('plain', B, reference=False),
+                    trainer_kwargs=dict(train_epochs=1), results_path=out/'search'/'results.jsonl', progress=False).run()
+    res['search'] = [r['score'] for r in gs.results_]
     # the uninterrupted run of the kill-and-resume test
     r = resume_trainer(out/'straight'); r.run()
     torch.save(params(r.model), out/f'final_straight_rank{rank}.pt')
@@ -231,6 +236,13 @@ def test_mixed_precision_ranks_agree(core):
     assert res[0]['mixed']['train_loss'] == res[1]['mixed']['train_loss'] and math.isfinite(res[0]['mixed']['train_loss'][0])
 
 
+def test_search_results_written_once(core):
+    out, res, _ = core
+    assert res[0]['search'] == res[1]['search'] and len(res[0]['search']) == 2
+    assert len((out/'search'/'results.jsonl').read_text().splitlines()) == 2
+    assert sorted(p.name for p in (out/'search').iterdir()) == ['results.best.pt', 'results.jsonl']
+
+
 def test_tester_equals_one_process(core):
     from lrp_scratch.testers import Tester
     out, res, _ = core
@@ -247,8 +259,8 @@ def test_tester_equals_one_process(core):
 def test_logs_on_rank_zero_only(core):
     out, res, p = core
     log = p.stdout + p.stderr
-    assert log.count('distributed: 2 processes (gloo)') == 8  # one line per distributed run, from rank 0 only
-    assert log.count(f'epoch {EPOCHS}/{EPOCHS}: train loss') == 5 and log.count('img/s on 2 processes') == 5 * EPOCHS + 2 + 1 + 4  # rank 0's epoch lines
+    assert log.count('distributed: 2 processes (gloo)') == 10  # one line per distributed run, from rank 0 only
+    assert log.count(f'epoch {EPOCHS}/{EPOCHS}: train loss') == 5 and log.count('img/s on 2 processes') == 5 * EPOCHS + 2 + 1 + 2 + 4  # rank 0's epoch lines
     assert log.count('saved checkpoint') == 5 * EPOCHS + 4  # one writer
     assert '[rank 0/2] another rank ran out of batches after 2' in log  # warnings carry the rank
     assert '[rank 0/2] cannot split a list' in log and '[rank 1/2] cannot split a list' in log  # and come from every rank
