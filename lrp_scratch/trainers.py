@@ -422,6 +422,11 @@ def _reduce_counts(self: Trainer, n: int, loss_sum: float, correct):
     return int(s[0]), float(s[1]), torch.tensor(int(s[2])) if s[3] > 0 else None
 
 @patch
+def _agreed(self: Trainer, x):
+    "Rank 0's value on every rank (the epoch time: the history is the same everywhere)."
+    return broadcast_object(x) if self.world_size > 1 else x
+
+@patch
 def _speed_text(self: Trainer) -> str:
     if not self._epoch_speed: return ''
     return f" | {self._epoch_speed:,.0f} img/s" + (f" on {self.world_size} processes" if self.world_size > 1 else '')
@@ -568,7 +573,7 @@ def run(self: Trainer, resume_from: str|Path|None = None, # a checkpoint to cont
             validate = self.valid_dataloader is not None and (epoch % self.valid_epochs == 0 or last)
             if validate: row['valid_loss'], row['valid_accuracy'] = self.evaluate(self.valid_dataloader)
             if self.scheduler is not None and not self._sched_per_batch: self.scheduler.step()
-            row['time'] = time.perf_counter() - t0
+            row['time'] = self._agreed(time.perf_counter() - t0)
             self.history.append(**row)
             self.epoch = epoch
             self._log_epoch(self.history[-1])
