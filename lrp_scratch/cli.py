@@ -478,6 +478,8 @@ import io
 from .distributed import DistributedSetupError, dist_env, is_main
 
 # %% ../nbs/14_cli.ipynb #c5d3fdb2
+USER_ERRORS = USER_ERRORS + (DistributedSetupError,)  # a broken torchrun environment: one line, what to set
+
 _LAUNCH_OPTS = {'--nproc': '--nproc-per-node', '--nnodes': '--nnodes', '--node-rank': '--node-rank', '--rdzv-endpoint': '--rdzv-endpoint',
                 '--rdzv-id': '--rdzv-id', '--max-restarts': '--max-restarts'}
 
