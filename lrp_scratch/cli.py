@@ -23,10 +23,11 @@ from .testers import Tester, TestReport
 from .visualization import plot_relevance_scores, relevance_grid
 
 # %% auto #0
-__all__ = ['USER_ERRORS', 'fraction', 'positive', 'valid_ratio', 'MODELS', 'COMPOSITES', 'CLIError', 'one_line', 'positive_int',
-           'non_negative_int', 'choice', 'target_arg', 'load_datasets', 'build_model', 'model_from_checkpoint',
-           'load_image', 'make_composite', 'explain_batches', 'cmd_train', 'cmd_test', 'cmd_explain', 'cmd_demo',
-           'dataset_target_arg', 'cmd_explain_dataset', 'make_parser', 'launch_command', 'cmd_train_launch', 'main']
+__all__ = ['USER_ERRORS', 'fraction', 'positive', 'valid_ratio', 'MODELS', 'COMPOSITES', 'cmd_train_launch', 'CLIError',
+           'one_line', 'positive_int', 'non_negative_int', 'choice', 'target_arg', 'load_datasets', 'build_model',
+           'model_from_checkpoint', 'load_image', 'make_composite', 'explain_batches', 'cmd_train', 'cmd_test',
+           'cmd_explain', 'cmd_demo', 'dataset_target_arg', 'cmd_explain_dataset', 'make_parser', 'launch_command',
+           'launched', 'main']
 
 # %% ../nbs/14_cli.ipynb #48d81e86
 class CLIError(Exception):
@@ -424,7 +425,7 @@ def _explain_dataset_parser(sub):
                        description='Explain every image of the test (or training) split with LRP and write a relevance store into --out: '
                                    'per image the relevance map (summed over channels unless --full-maps), the model output, prediction, '
                                    'score and label, in .npy chunks with a manifest.json. Run the same command again to resume an '
-                                   'interrupted run; under torchrun --nproc-per-node=N the ranks split the chunks.')
+                                   'interrupted run; with --nproc N (or under torchrun --nproc-per-node=N) the ranks split the chunks.')
     p.add_argument('checkpoint', help='a checkpoint.pt written by lrp-scratch train or demo')
     p.add_argument('--out', required=True, metavar='DIR', help='the store folder (created; an existing store is resumed)')
     p.add_argument('--split', type=choice(('test', 'train'), 'split'), default='test', metavar='{test,train}', help='which images (default: %(default)s)')
@@ -438,7 +439,7 @@ def _explain_dataset_parser(sub):
     g.add_argument('--chunk-size', type=positive_int, default=1024, metavar='N', help='images per chunk file, the unit of resuming and sharding (default: %(default)s)')
     g.add_argument('--full-maps', action='store_true', help='keep the relevance of every input channel (default: summed over channels)')
     p.add_argument('--hdf5', metavar='FILE.h5', help='also write the store as a ViRelAy attribution file (needs h5py)')
-    _data_args(p); _common_args(p); p.set_defaults(func=cmd_explain_dataset)
+    _data_args(p); _common_args(p); _launch_args(p); p.set_defaults(func=launched(cmd_explain_dataset))  # launched: see below
 
 # %% ../nbs/14_cli.ipynb #79dd672c
 def _data_args(p, train: bool = True, n_train: int = 6000):
@@ -541,7 +542,7 @@ _LAUNCH_OPTS = {'--nproc': '--nproc-per-node', '--nnodes': '--nnodes', '--node-r
 
 def _launch_args(p):
     g = p.add_argument_group('many processes (torchrun)')
-    g.add_argument('--nproc', type=positive_int, default=None, metavar='N', help='train with N processes on this machine (runs torchrun for you)')
+    g.add_argument('--nproc', type=positive_int, default=None, metavar='N', help='run with N processes on this machine (runs torchrun for you)')
     g.add_argument('--nnodes', default=None, metavar='M', help='with --nproc: machines in the job, e.g. 2 or 1:4 (default: 1)')
     g.add_argument('--node-rank', type=non_negative_int, default=None, metavar='K', help='with --nproc and a static --nnodes: this machine\'s number')
     g.add_argument('--rdzv-endpoint', default=None, metavar='HOST:PORT', help='with --nproc: where the machines meet (c10d rendezvous on one of them)')
@@ -549,7 +550,7 @@ def _launch_args(p):
     g.add_argument('--max-restarts', type=non_negative_int, default=None, metavar='R', help='with --nproc: restart the workers up to R times after a failure')
 
 def launch_command(args) -> tuple[list[str], list[str]]:
-    "torchrun's arguments and the workers' `lrp-scratch` arguments for `train --nproc` (the launcher options moved from one to the other)."
+    "torchrun's arguments and the workers' `lrp-scratch` arguments for `train/explain-dataset --nproc` (the launcher options moved from one to the other)."
     worker, launcher, it = [], [], iter(args.argv)
     for a in it:
         name, eq, val = a.partition('=')
@@ -559,25 +560,31 @@ def launch_command(args) -> tuple[list[str], list[str]]:
     elif args.rdzv_endpoint is not None: launcher += ['--rdzv-backend', 'c10d']
     return launcher + ['-m', 'lrp_scratch'], worker
 
-def cmd_train_launch(args) -> int:
-    "lrp-scratch train: `cmd_train` in this process (also as one rank of a torchrun job), or with --nproc a torchrun job of N processes."
-    if args.nproc is None:
-        if any(getattr(args, k) is not None for k in ('nnodes', 'node_rank', 'rdzv_endpoint', 'rdzv_id', 'max_restarts')):
-            raise CLIError("--nnodes, --node-rank, --rdzv-endpoint, --rdzv-id and --max-restarts go with --nproc N (the processes per machine)")
-        env = dist_env()
-        if env.world_size > 1 and env.rank != 0:  # one rank of a torchrun job: rank 0 prints the summary
-            with contextlib.redirect_stdout(io.StringIO()): return cmd_train(args)
-        return cmd_train(args)
-    if dist_env().launched: raise CLIError("--nproc starts a torchrun job, but this process already runs in one (WORLD_SIZE is set): drop --nproc")
-    from torch.distributed import run as torchrun
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    launcher, worker = launch_command(args)
-    try: torchrun.main(launcher + worker)
-    except ChildFailedError as e:
-        failed = ', '.join(f"rank {r}: exit status {f.exitcode}" for r, f in sorted(e.failures.items()))
-        raise CLIError(f"the training job failed ({failed}); the messages of the failing rank are above. Run the same command again "
-                       f"to continue from the last checkpoint in {args.out}") from None
-    return 0
+def launched(cmd: Callable) -> Callable:
+    "`cmd(args)` in this process (also as one rank of a torchrun job), or with --nproc as a torchrun job of N processes running it."
+    def run(args) -> int:
+        if args.nproc is None:
+            if any(getattr(args, k) is not None for k in ('nnodes', 'node_rank', 'rdzv_endpoint', 'rdzv_id', 'max_restarts')):
+                raise CLIError("--nnodes, --node-rank, --rdzv-endpoint, --rdzv-id and --max-restarts go with --nproc N (the processes per machine)")
+            env = dist_env()
+            if env.world_size > 1 and env.rank != 0:  # one rank of a torchrun job: rank 0 prints the summary
+                with contextlib.redirect_stdout(io.StringIO()): return cmd(args)
+            return cmd(args)
+        if dist_env().launched: raise CLIError("--nproc starts a torchrun job, but this process already runs in one (WORLD_SIZE is set): drop --nproc")
+        from torch.distributed import run as torchrun
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        launcher, worker = launch_command(args)
+        try: torchrun.main(launcher + worker)
+        except ChildFailedError as e:
+            failed = ', '.join(f"rank {r}: exit status {f.exitcode}" for r, f in sorted(e.failures.items()))
+            raise CLIError(f"the {args.command} job failed ({failed}); the messages of the failing rank are above. Run the same command "
+                           f"again to continue where it stopped (in {args.out})") from None
+        return 0
+    run.__name__ = run.__qualname__ = f"{cmd.__name__}_launch"
+    return run
+
+cmd_train_launch = launched(cmd_train)  # lrp-scratch train
+
 
 # %% ../nbs/14_cli.ipynb #d1b25c5d
 def main(argv: Sequence[str]|None = None, # the arguments (default: sys.argv[1:])
