@@ -80,8 +80,10 @@ def autocast_dtype(device: str|torch.device, # where the model runs
     if device.type == 'cuda': return torch.float16
     if device.type != 'cpu' or cpu_native_bf16(cpu_bf16): return torch.bfloat16
     if warn:
-        warnings.warn(f"mixed precision: this CPU has no native bfloat16 (torch.ops.mkldnn._is_mkldnn_bf16_supported() is False; PyTorch's CPU "
-                      f"capability is {torch.backends.cpu.get_cpu_capability()}), and bfloat16 autocast runs many times slower than float32 "
+        why = ('cpu_bf16=False' if cpu_bf16 is not None else f"{CPU_BF16_ENV}={os.environ[CPU_BF16_ENV].strip()}" if os.environ.get(CPU_BF16_ENV, '').strip()
+               else 'torch.ops.mkldnn._is_mkldnn_bf16_supported() is False')
+        warnings.warn(f"mixed precision: this CPU has no native bfloat16 ({why}; PyTorch's CPU capability is "
+                      f"{torch.backends.cpu.get_cpu_capability()}), and bfloat16 autocast runs many times slower than float32 "
                       "there, so this runs in float32. To use bfloat16 anyway pass amp_dtype=torch.bfloat16 (or set LRP_SCRATCH_CPU_BF16=1); "
                       "to silence this warning pass amp_dtype=torch.float32 or train without mixed precision.", RuntimeWarning, stacklevel=user_stacklevel())
     return None
@@ -89,7 +91,7 @@ def autocast_dtype(device: str|torch.device, # where the model runs
 # %% ../nbs/00_core.ipynb #1a5cce9d
 def platform_info() -> dict:
     "PyTorch's CPU capability, native bfloat16 (and whether forced), the GPU, and the autocast dtype `MPTrainer` picks on each."
-    name = lambda d: 'float32 (no autocast)' if d is None else str(d).replace('torch.', '')
+    name = lambda d: 'float32' if d is None else str(d).replace('torch.', '')  # float32: no autocast
     info = dict(torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu_native_bf16=cpu_native_bf16(),
                 cpu_bf16_forced=os.environ.get(CPU_BF16_ENV) or None, cpu_threads=torch.get_num_threads(),
                 autocast_cpu=name(autocast_dtype('cpu', warn=False)), cuda=None)

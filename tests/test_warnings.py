@@ -84,3 +84,10 @@ def test_cpu_bf16_check_forced_from_environment(env, want):
     p = run_py(CHOICE, {"LRP_SCRATCH_CPU_BF16": env})
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == want
+
+
+def test_hardware_check_reads_onednn():
+    "ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN treat this CPU as AVX2-only: the unforced check then says no native bfloat16."
+    p = run_py(CHOICE, {"LRP_SCRATCH_CPU_BF16": None, "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "None False 1"
