@@ -1,5 +1,5 @@
 "Warnings name the user's line (the file and line of the call), not a line inside the package; mixed precision warns once."
-import warnings
+import sys, warnings
 
 import pytest
 import torch
@@ -91,3 +91,20 @@ def test_hardware_check_reads_onednn():
     p = run_py(CHOICE, {"LRP_SCRATCH_CPU_BF16": None, "ONEDNN_MAX_CPU_ISA": "AVX2"})
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "None False 1"
+
+
+def test_resume_warning_points_at_the_caller(tmp_path):
+    "Resuming with a loader whose random generators differ from the checkpoint's: the warning names run()'s caller."
+    t = Trainer(small(), batches(), train_epochs=1, progress=False, device="cpu")
+    t.run()
+    path = t.save_model(tmp_path / "ck.pt")
+    ds = torch.utils.data.TensorDataset(torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,)))
+    dl = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    t2 = Trainer(small(), dl, train_epochs=2, progress=False, device="cpu")
+    assert_here(caught(lambda: t2.run(resume_from=path), "random generators"))
+
+
+def test_missing_tqdm_warning_points_at_the_caller(monkeypatch):
+    for m in ("tqdm", "tqdm.auto", "tqdm.std"): monkeypatch.setitem(sys.modules, m, None)  # as if tqdm were not installed
+    t = Trainer(small(), batches(), train_epochs=1, progress=True, device="cpu")
+    assert_here(caught(t.run, "progress bars need tqdm"))

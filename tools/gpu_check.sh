@@ -19,7 +19,7 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ];
   # shellcheck disable=SC1091
   . .venv/bin/activate
 fi
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 
 if ! gpu=$("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "")' 2>/dev/null) || [ -z "$gpu" ]; then
   echo "gpu_check: no CUDA GPU visible here (torch.cuda.is_available() is not True in $PY): nothing to check, exiting 0"
@@ -33,6 +33,12 @@ mkdir -p "$LOGS"
 ARCH=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
 echo "gpu_check: $gpu (compute capability $ARCH); logs in $LOGS"
 export LRP_SCRATCH_REQUIRE_C=1 PYTHONUNBUFFERED=1 PY ARCH
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this tree (and the build in it), also for the scripts in bench/
+
+not_run() {  # not_run NAME WHY: a check that could not run here (neither ok nor failed)
+  printf '%s\t%s\t%s\t%s\n' "$1" "not run ($2)" 0 "" >> "$LOGS/steps.tsv"
+  printf '\n=== %s\n--- not run: %s\n' "$1" "$2"
+}
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run it with a time limit, log its output, record ok/FAILED and the seconds
   local name=$1 limit=$2; shift 2
@@ -70,9 +76,12 @@ fi
 
 # 2. the notebooks' #| gpu cells (each notebook runs whole, with its gpu cells)
 mapfile -t NBS < <(grep -l '^ *"#| gpu' nbs/*.ipynb | xargs -n1 basename | sed 's/\.ipynb$//')
-if [ "${#NBS[@]}" -gt 0 ]; then
+NB_NAME="notebooks with gpu cells (${#NBS[@]}): nbdev_test --flags gpu"
+if ! command -v nbdev_test >/dev/null 2>&1; then
+  not_run "$NB_NAME" "nbdev_test is not installed: pip install -e \".[dev]\" --no-build-isolation"
+elif [ "${#NBS[@]}" -gt 0 ]; then
   re="^($(IFS='|'; echo "${NBS[*]}"))\\.ipynb\$"
-  step "notebooks with gpu cells (${#NBS[@]}): nbdev_test --flags gpu" 600 \
+  step "$NB_NAME" 600 \
     nbdev_test --path nbs --flags gpu --file_re "$re" --n_workers "${GPU_CHECK_NB_WORKERS:-4}" --timing
 fi
 
@@ -84,11 +93,15 @@ if [ -z "$SANITIZER" ]; then
     [ -n "$d" ] && [ -x "$d/bin/compute-sanitizer" ] && SANITIZER="$d/bin/compute-sanitizer" && break
   done
 fi
-if [ -n "$SANITIZER" ]; then
-  step "memcheck: compute-sanitizer --tool memcheck on the CUDA tests" 600 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 "$PY" -m pytest -q -x tests/test_cuda.py -k cuda -p no:cacheprovider
+MC_NAME="memcheck: compute-sanitizer --tool memcheck on the CUDA tests"
+if [ -z "$SANITIZER" ]; then
+  not_run "$MC_NAME" "compute-sanitizer not found"
+elif ! "$SANITIZER" --tool memcheck --error-exitcode 1 "$PY" -c 'import torch; torch.ones(1, device="cuda").sum().item()' > "$LOGS/memcheck_probe.log" 2>&1; then
+  # some sandboxed runtimes refuse the device to the sanitizer ("Device not supported"): that says nothing of our kernels
+  not_run "$MC_NAME" "compute-sanitizer cannot check a trivial torch program on this machine: $(grep -m1 -o 'Device not supported\|ERROR SUMMARY: [0-9]* error[s]*' "$LOGS/memcheck_probe.log" || echo "see $LOGS/memcheck_probe.log")"
 else
-  printf '%s\t%s\t%s\t%s\n' "memcheck: compute-sanitizer" "not run (compute-sanitizer not found)" 0 "" >> "$LOGS/steps.tsv"
+  step "$MC_NAME" 600 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 "$PY" -m pytest -q -x tests/test_cuda.py -k cuda -p no:cacheprovider
 fi
 
 # 4. the benchmarks
@@ -151,6 +164,8 @@ print('| check | result | s | numbers |')
 print('|---|---|---:|---|')
 for n, s, t, x in table: print(f"| {n} | {s} | {t} | {x} |")
 bad = [n for n, s, _, _ in table if s.startswith('FAILED')]
-print(f"\nsummary: {sum(s == 'ok' for _, s, _, _ in table)} ok, {len(bad)} failed" + (f": {'; '.join(bad)}" if bad else ''))
+skipped = [n for n, s, _, _ in table if s.startswith('not run')]
+print(f"\nsummary: {sum(s == 'ok' for _, s, _, _ in table)} ok, {len(bad)} failed, {len(skipped)} not run"
+      + (f"; failed: {'; '.join(bad)}" if bad else '') + (f"; not run: {'; '.join(skipped)}" if skipped else ''))
 sys.exit(1 if bad else 0)
 EOF
