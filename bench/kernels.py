@@ -5,6 +5,7 @@
                             [--device cpu|cuda] [--reps 30] [--threads N] [--dtype float32]
     python bench/kernels.py [--isa portable|avx2|avx512]  # the filter's hand-vectorised loops with this instruction set
     python bench/kernels.py --profile [--threads N] [--case classic]  # torch.profiler on LRP: reference path vs kernels
+    python bench/kernels.py --cores [--threads N]  # each kernel on all threads vs one: cores busy, speed-up
 
 One table per op. For each size (tensors that occur in LRP on VGG16 at 224x224 and VGG11 at 32x32), the
 implementations are timed interleaved (kernel, baseline, ..., kernel, ...) and the medians compared:
@@ -16,6 +17,9 @@ ratio = baseline time / kernel time (> 1: the kernel is faster). Baselines:
 - filtered_stabilized_div: `topk+scatter` then `stabilized_div_ref` (the pure-PyTorch floor), the exact reference, and
   the two compiled kernels one after the other (`unfused`: what fusing itself saves).
 - mul_sum_channels: `(a*c).sum(1)` (the reference) and `einsum`.
+`--cores`: CPU time over wall time while each kernel runs (about 1 on one thread, about the thread count when the
+work is split across all cores) and the wall-time speed-up over one thread, beside the number of threads the kernel's
+tasks ran on (`threads_used`, counted by the kernels: the tests check that count, this measures what it buys).
 The relevance is random with half of it exactly 0 (as after a ReLU). Absolute times are only indicative on a
 shared CPU machine; the ratios are what to read.
 """
@@ -146,6 +150,40 @@ OPS = {"stabilized_div": run_stabilized_div, "relevance_filter": run_relevance_f
        "filtered_stabilized_div": run_filtered_stabilized_div, "mul_sum_channels": run_mul_sum_channels}
 
 
+def run_cores(a):
+    "Each CPU kernel with all of torch's threads and with one: threads used, cores busy (CPU time / wall time), speed-up."
+    from lrp_scratch.kernels import threads_used
+    g = torch.Generator().manual_seed(0)
+    shape = VGG_SIZES["vgg11-32 conv1 out, bs 64"]
+    r, z = relevance(shape, g, "cpu", torch.float32), torch.randn(shape, generator=g)
+    k = max(1, int(0.02 * r[0].numel()))
+    calls = {"stabilized_div": lambda: K.stabilized_div(z, r, 1e-6), "relevance_filter": lambda: K.relevance_filter(r, k),
+             "filtered_stabilized_div": lambda: K.filtered_stabilized_div(r, z, 1e-6, k),
+             "mul_sum_channels": lambda: K.mul_sum_channels(r, z)}
+    n_all = torch.get_num_threads()
+
+    def measure(f, reps):
+        for _ in range(2): f()
+        best = None
+        for _ in range(5):  # best of 5 (the least disturbed by other jobs)
+            w0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(reps): f()
+            w, c = time.perf_counter() - w0, time.process_time() - c0
+            best = (w, c) if best is None or w < best[0] else best
+        return best[0] / reps, best[1] / best[0]
+
+    print(f"\ncores: {shape} float32, {n_all} threads vs 1, best of 5 runs of {a.reps} calls; cores busy = CPU time / wall time")
+    print(f"{'op':26} {'threads':>8} {'used':>5} {'wall ms':>9} {'cores busy':>11} {'speed-up':>9}")
+    for name, f in calls.items():
+        rows = {}
+        for n in sorted({n_all, 1}, reverse=True):
+            torch.set_num_threads(n)
+            try: rows[n] = (threads_used(f),) + measure(f, a.reps)
+            finally: torch.set_num_threads(n_all)
+        for n, (used, wall, busy) in rows.items():
+            print(f"{name:26} {n:>8} {used:>5} {wall*1e3:>9.3f} {busy:>11.2f} {rows[1][1] / wall:>8.2f}x")
+
+
 def profile_lrp(a):
     "Self CPU time of the top ops of LRP, on the pure-PyTorch reference path and with the compiled kernels."
     import torchvision
@@ -186,6 +224,7 @@ def main():
     ap.add_argument("--rows", type=int, default=15, help="rows of each profile table")
     ap.add_argument("--case", default="", help="profile only the cases whose name contains this (e.g. classic)")
     ap.add_argument("--walls", type=int, default=3, help="timed calls per profile case (median wall time)")
+    ap.add_argument("--cores", action="store_true", help="each CPU kernel on all threads vs one: threads used, cores busy, speed-up")
     ap.add_argument("--isa", default=None, choices=list(CPU_ISAS),
                     help="instruction set of the hand-vectorised CPU loops (default: the widest this CPU has)")
     a = ap.parse_args()
@@ -193,6 +232,7 @@ def main():
     if a.profile: return profile_lrp(a)
     with ExitStack() as stack:
         if a.isa: stack.enter_context(cpu_isa(a.isa))
+        if a.cores: return run_cores(a)
         run_ops(a)
 
 

@@ -5,6 +5,7 @@
     python bench/lrp.py --case vgg11 --reps 7 # one case
     python bench/lrp.py --memory              # peak memory of one call per method, each in a fresh process
     python bench/lrp.py --case resnet50 --reps 3   # torchvision ResNet-50, 224x224, batch 8 (slow on a CPU)
+    python bench/lrp.py --device cuda --case vgg16 --batch 1   # on a GPU (LRP_SCRATCH_CUDA_KERNELS=1: its kernels), another batch
 
 Cases: VGG11 on 3x32x32, batch 64, VGG16 on 3x224x224, batch 8, and ResNet-50 on 3x224x224, batch 8 (random weights,
 eval mode, float32; ResNet-50 with random BatchNorm statistics, which our engine folds into the convolutions). The
@@ -27,6 +28,7 @@ from lrp_scratch.lrp import LRPModel, EpsilonPlusFlat, Uniform, Epsilon, classic
 
 CASES = {"vgg11": ("vgg11", 10, 32, 64), "vgg16": ("vgg16", 1000, 224, 8), "resnet50": ("resnet50", 1000, 224, 8)}
 SMALL = ("resnet50",)  # cases that measure only the gradient and the EpsilonPlusFlat rows
+DEVICE, BATCH = torch.device("cpu"), None  # --device, --batch (None: the case's)
 
 
 def make_model(case):
@@ -50,8 +52,8 @@ def make_model(case):
                     n = m.num_features
                     m.running_mean.copy_(0.1 * torch.randn(n, generator=g)); m.running_var.copy_(0.5 + torch.rand(n, generator=g))
                     m.weight.copy_(0.5 + torch.rand(n, generator=g)); m.bias.copy_(0.1 * torch.randn(n, generator=g))
-    model.eval()
-    x = torch.rand(bs, 3, size, size)
+    model.eval().to(DEVICE)
+    x = torch.rand(BATCH or bs, 3, size, size).to(DEVICE)
     return model, x, src
 
 
@@ -133,9 +135,11 @@ def run_speed(case, reps, warmup):
         order = names[rep % len(names):] + names[:rep % len(names)]
         for n in order:
             gc.collect()
-            t0 = time.perf_counter(); ms[n](); times[n].append(time.perf_counter() - t0)
+            t0 = time.perf_counter(); ms[n]()
+            if DEVICE.type == "cuda": torch.cuda.synchronize(DEVICE)
+            times[n].append(time.perf_counter() - t0)
     g = times["gradient"]
-    print(f"\n{case}: {src}, input {tuple(x.shape)}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    print(f"\n{case}: {src}, input {tuple(x.shape)} on {DEVICE}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{reps} repeats (median)")
     w = max(28, *map(len, names))
     print(f"{'method':{w}} {'median s':>9} {'img/s':>8} {'x gradient (paired)':>20}")
@@ -199,7 +203,11 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (speed only)")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default: the case's)")
     a = ap.parse_args()
+    global DEVICE, BATCH
+    DEVICE, BATCH = torch.device(a.device), a.batch
     cases = list(CASES) if a.case == "all" else [a.case]
     res = {c: (run_memory(c) if a.memory else run_speed(c, a.reps, a.warmup)) for c in cases}
     if a.json:

@@ -688,6 +688,7 @@ void filter_rows(const scalar_t* x, int64_t N, int64_t M, int64_t k, const Epilo
 
   if (chunks_per_row == 1) {  // one row per task: all passes of a row by one thread, while it is in cache
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      note_thread();
       std::vector<uint32_t> h;
       std::vector<K> buf, s;
       for (int64_t row = begin; row < end; ++row) {
@@ -730,6 +731,7 @@ void filter_rows(const scalar_t* x, int64_t N, int64_t M, int64_t k, const Epilo
     }
   }
   at::parallel_for(0, U, 1, [&](int64_t begin, int64_t end) {
+    note_thread();
     for (int64_t u = begin; u < end; ++u) {
       const int64_t row = u / chunks_per_row;
       got[u] = gather_keys_ge(x + lo(u), hi(u) - lo(u), bound[row], bufs[row].data() + offset[u], cap[u], zeros[u], nan[u]);
@@ -738,6 +740,7 @@ void filter_rows(const scalar_t* x, int64_t N, int64_t M, int64_t k, const Epilo
   std::vector<RowCut<scalar_t>> cuts(N);
   std::vector<char> exact(N, 1);
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    note_thread();
     std::vector<uint32_t> h;
     for (int64_t row = begin; row < end; ++row) {
       K* buf = bufs[row].data();
@@ -767,6 +770,7 @@ void filter_rows(const scalar_t* x, int64_t N, int64_t M, int64_t k, const Epilo
     auto clo = [&](int64_t c) { return std::min(M, c * CL); };
     auto chi = [&](int64_t c) { return std::min(M, (c + 1) * CL); };
     at::parallel_for(0, chunks_per_row, 1, [&](int64_t begin, int64_t end) {
+      note_thread();
       for (int64_t c = begin; c < end; ++c) bad[c] = histogram_top(xr + clo(c), chi(c) - clo(c), shift0, H.data() + c * nbins);
     });
     for (int64_t c = 0; c < chunks_per_row; ++c) {
@@ -777,6 +781,7 @@ void filter_rows(const scalar_t* x, int64_t N, int64_t M, int64_t k, const Epilo
     for (int64_t c = 0; c < chunks_per_row; ++c) off[c + 1] = off[c] + H[c * nbins + b.bin] + 1;  // + a spare slot
     std::vector<K> buf(off[chunks_per_row]);
     at::parallel_for(0, chunks_per_row, 1, [&](int64_t begin, int64_t end) {
+      note_thread();
       for (int64_t c = begin; c < end; ++c) cnt[c] = gather_bin(xr + clo(c), chi(c) - clo(c), shift0, b.bin, buf.data() + off[c]);
     });
     int64_t n = 0;
@@ -787,6 +792,7 @@ void filter_rows(const scalar_t* x, int64_t N, int64_t M, int64_t k, const Epilo
     cuts[row] = row_cut<scalar_t>(select_in_buffer<K>(buf.data(), n, k - b.above, shift0, D, h), b.above, k);
   }
   at::parallel_for(0, U, 1, [&](int64_t begin, int64_t end) {
+    note_thread();
     for (int64_t u = begin; u < end; ++u) {
       const RowCut<scalar_t>& c = cuts[u / chunks_per_row];
       epi.cmp(lo(u), hi(u), c.t, c.straddle);
@@ -795,6 +801,7 @@ void filter_rows(const scalar_t* x, int64_t N, int64_t M, int64_t k, const Epilo
   // Ties straddling the cut: the first `room` of them in index order are kept (a scan from the row's start that
   // stops there; short when ties are dense, e.g. the zeros of sparse relevance).
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    note_thread();
     for (int64_t row = begin; row < end; ++row)
       if (cuts[row].straddle) keep_first_ties(x, row * M, row * M + M, cuts[row].t, cuts[row].room, epi);
   });
@@ -810,7 +817,7 @@ void filter_op(const char* name, const at::Tensor& x, int64_t k, const Make& mak
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lrp_scratch_filter_cpu", [&] {
     const auto epi = make(scalar_t{});
     if (k >= M) {  // everything is kept: no order is needed, so NaN passes too
-      at::parallel_for(0, x.numel(), kChunk, [&](int64_t b, int64_t e) { epi.all(b, e); });
+      at::parallel_for(0, x.numel(), kChunk, [&](int64_t b, int64_t e) { note_thread(); epi.all(b, e); });
       return;
     }
     filter_rows<scalar_t>(x.const_data_ptr<scalar_t>(), N, M, k, epi);
@@ -874,6 +881,7 @@ void mul_sum_channels_kernel(const scalar_t* a, const scalar_t* c, scalar_t* o, 
   constexpr bool wide = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
   at::parallel_for(0, N * blocks, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C * std::min(S, B))),
                    [&](int64_t begin, int64_t end) {
+    note_thread();
     opmath_t acc[B];
     for (int64_t u = begin; u < end; ++u) {
       const int64_t n = u / blocks, s0 = (u % blocks) * B, len = std::min(B, S - s0);

@@ -80,6 +80,7 @@ at::Tensor stabilized_div_cpu(const at::Tensor& num, const at::Tensor& den, doub
       const scalar_t* d = den.const_data_ptr<scalar_t>();
       scalar_t* o = out.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, out.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        note_thread();
         stab_div_contig<scalar_t>(n + begin, d + begin, o + begin, end - begin, eps);
       });
     });
@@ -93,6 +94,7 @@ at::Tensor stabilized_div_cpu(const at::Tensor& num, const at::Tensor& den, doub
     const opmath_t e = static_cast<opmath_t>(eps);
     iter.for_each(
         [e](char** data, const int64_t* strides, int64_t size0, int64_t size1) {
+          note_thread();
           for (int64_t j = 0; j < size1; ++j) {
             char* o = data[0] + j * strides[3];
             const char* n = data[1] + j * strides[4];
@@ -215,10 +217,27 @@ static PyObject* lrp_set_cpu_isa(PyObject*, PyObject* arg) {
   return PyErr_Format(PyExc_ValueError, "set_cpu_isa: expected 'portable', 'avx2' or 'avx512', got '%s'", name);
 }
 
+// The threads the CPU kernels' parallel loops ran on since the last reset (see note_thread in lrp_ops.h).
+static PyObject* lrp_thread_tally(PyObject*, PyObject*) {
+  return PyLong_FromUnsignedLongLong(lrp_scratch::thread_tally().load(std::memory_order_relaxed));
+}
+
+static PyObject* lrp_reset_thread_tally(PyObject*, PyObject*) {
+  lrp_scratch::thread_tally().store(0, std::memory_order_relaxed);
+  Py_RETURN_NONE;
+}
+
+// at::get_num_threads() as the extension sees it (the intra-op thread count its at::parallel_for splits into).
+static PyObject* lrp_num_threads(PyObject*, PyObject*) { return PyLong_FromLong(at::get_num_threads()); }
+
 static PyMethodDef lrp_methods[] = {
     {"cpu_isa", lrp_cpu_isa, METH_NOARGS, "cpu_isa() -> str: the instruction set the hand-vectorised CPU loops use"},
     {"set_cpu_isa", lrp_set_cpu_isa, METH_O,
      "set_cpu_isa(name) -> str: use 'portable', 'avx2' or 'avx512' (at most what the CPU has); returns the previous"},
+    {"thread_tally", lrp_thread_tally, METH_NOARGS,
+     "thread_tally() -> int: bit t is set when thread t ran a task of a CPU kernel since the last reset"},
+    {"reset_thread_tally", lrp_reset_thread_tally, METH_NOARGS, "reset_thread_tally(): clear thread_tally()"},
+    {"num_threads", lrp_num_threads, METH_NOARGS, "num_threads() -> int: at::get_num_threads() inside the extension"},
     {nullptr, nullptr, 0, nullptr}};
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {

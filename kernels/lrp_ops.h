@@ -2,7 +2,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -28,6 +31,21 @@
 #endif
 
 namespace lrp_scratch {
+
+#if !defined(__CUDACC__)
+// Which threads ran the tasks of the CPU kernels' at::parallel_for since the last reset (bit t: thread t, threads
+// past 63 share bit 63). Every task marks its thread once (one relaxed atomic OR per task, and tasks are at least
+// a grain of work), so a test can check that the kernels run in parallel without timing the machine:
+// lrp_scratch._C.thread_tally() reads the bits, lrp_scratch._C.reset_thread_tally() clears them.
+inline std::atomic<uint64_t>& thread_tally() {
+  static std::atomic<uint64_t> bits{0};
+  return bits;
+}
+inline void note_thread() {
+  const int t = std::min(std::max(at::get_thread_num(), 0), 63);
+  thread_tally().fetch_or(uint64_t(1) << t, std::memory_order_relaxed);
+}
+#endif
 
 // The instruction set of the hand-vectorised loops: the widest the CPU has, found once at load; tests lower it
 // with lrp_scratch._C.set_cpu_isa to run every path on one machine.

@@ -12,7 +12,8 @@ import torch
 import matplotlib.pyplot as plt
 from PIL import Image, ImageOps, UnidentifiedImageError
 from . import __version__, lrp
-from .core import get_device
+from .core import get_device, platform_info
+from .kernels import build_info
 from .loggers import LOG_DATEFMT, LOG_FORMAT, get_logger
 from .data_loaders import DATASETS, DatasetFileError, InMemoryDataset, TensorLoader, get_dataset, loader
 from .data_transformations import MNIST_MEAN, MNIST_STD, default_mnist_ops, mnist_transform
@@ -26,8 +27,8 @@ from .visualization import plot_relevance_scores, relevance_grid
 __all__ = ['USER_ERRORS', 'fraction', 'positive', 'valid_ratio', 'MODELS', 'COMPOSITES', 'cmd_train_launch', 'CLIError',
            'one_line', 'positive_int', 'non_negative_int', 'choice', 'target_arg', 'load_datasets', 'build_model',
            'model_from_checkpoint', 'load_image', 'make_composite', 'explain_batches', 'cmd_train', 'cmd_test',
-           'cmd_explain', 'cmd_demo', 'dataset_target_arg', 'cmd_explain_dataset', 'make_parser', 'launch_command',
-           'launched', 'main']
+           'cmd_explain', 'cmd_demo', 'platform_lines', 'cmd_info', 'dataset_target_arg', 'cmd_explain_dataset',
+           'make_parser', 'launch_command', 'launched', 'main']
 
 # %% ../nbs/14_cli.ipynb #48d81e86
 class CLIError(Exception):
@@ -275,6 +276,7 @@ def _train(args, out: Path, device: torch.device) -> tuple[Trainer, InMemoryData
         checkpoint_path=out/'checkpoint.pt', progress='text' if args.progress else False, device=device, seed=args.seed)
     get_logger().info(f"training {model.name} (width {model.width:g}, {model.n_params:,} parameters) on {len(tr.indices):,} {args.dataset} "
                       f"images ({len(va.indices) if va is not None else 0:,} more for validation) for {_plural(args.epochs, 'epoch')} on {device}")
+    if args.mixed_precision: get_logger().info(f"mixed precision: {_precision(trainer.amp_dtype)} on {device} (`lrp-scratch info` shows why)")
     trainer.run(resume_from=args.resume)
     if trainer.checkpoint_path is not None and not trainer.checkpoint_path.exists(): trainer.save_model(trainer.checkpoint_path)
     _save_fig(trainer.history.plot(), out/'history.png')
@@ -386,6 +388,39 @@ def cmd_demo(args) -> int:
     for f, what in files: print(f"  {f:<21} {what}")
     return 0
 
+# %% ../nbs/14_cli.ipynb #52af941b
+def _precision(dtype) -> str:
+    return 'float32 (no autocast)' if dtype is None else f"autocast {str(dtype).replace('torch.', '')}"
+
+def platform_lines() -> list[str]:
+    "The lines of `lrp-scratch info`."
+    p, b = platform_info(), build_info()
+    yn = lambda v: 'yes' if v else 'no'
+    forced = f" (forced by LRP_SCRATCH_CPU_BF16={p['cpu_bf16_forced']})" if p['cpu_bf16_forced'] else ''
+    lines = [f"lrp-scratch {__version__}: torch {p['torch']}, Python {sys.version.split()[0]}",
+             f"CPU: PyTorch capability {p['cpu_capability']}, native bfloat16 {yn(p['cpu_native_bf16'])}{forced}, {p['cpu_threads']} threads"]
+    if b['loaded']:
+        lines.append(f"kernels: {b['variant']} build" + (f" (CUDA archs {b['cuda_archs']})" if b.get('cuda_archs') else '') +
+                     f", OpenMP {yn(b['openmp'])}, CPU loops {b['cpu_isa']} (the CPU has {b['cpu_isa_detected']}), CUDA kernels {'on' if b['cuda_kernels'] else 'off'}")
+    else: lines.append(f"kernels: not loaded, pure-PyTorch references ({b['reason']})")
+    lines.append(f"GPU: {p['cuda']} ({p['cuda_capability']}, native bfloat16 {yn(p['cuda_bf16'])})" if p['cuda'] else 'GPU: none (CUDA is not available)')
+    mp = ('--mixed-precision: on the CPU ' + (f"autocast {p['autocast_cpu']}" if p['autocast_cpu'] != 'float32' else
+                                              'float32, no autocast (no native bfloat16: autocast to it would be many times slower)'))
+    lines.append(mp + (f"; on the GPU autocast {p['autocast_cuda']}" if p['cuda'] else ''))
+    return lines
+
+def cmd_info(args) -> int:
+    "lrp-scratch info: what this machine computes natively and what the commands choose there."
+    print('\n'.join(platform_lines()))
+    return 0
+
+def _add_info_command(sub):
+    p = sub.add_parser('info', help='the CPU and GPU capabilities, the compiled kernels, and what --mixed-precision picks here',
+                       description="Print PyTorch's CPU capability, whether the CPU has native bfloat16, the compiled kernels' build and instruction "
+                                   'set, the GPU, and the autocast dtype --mixed-precision picks on each device.')
+    p.add_argument('--debug', action='store_true', help='show the full traceback of errors')
+    p.set_defaults(func=cmd_info)
+
 # %% ../nbs/14_cli.ipynb #62d47678
 def dataset_target_arg(s: str) -> str|int:
     "argparse type: 'pred', 'label' or a class index."
@@ -467,7 +502,8 @@ def _train_args(p, epochs: int, width: float):
     g.add_argument('--batch-size', type=positive_int, default=64, metavar='N', help='images per batch (default: %(default)s)')
     g.add_argument('--valid-ratio', type=valid_ratio, default=0.1, metavar='F', help='share of the training images held out for validation (default: %(default)s)')
     g.add_argument('--early-stopping', type=positive_int, default=None, metavar='N', help='stop after N validations without improvement')
-    g.add_argument('--mixed-precision', action='store_true', help='autocast: float16 on a GPU, bfloat16 on the CPU (MPTrainer)')
+    g.add_argument('--mixed-precision', action='store_true', help='autocast where the device computes it natively (MPTrainer): float16 on a GPU, bfloat16 on a CPU with native bfloat16, '
+                   'else float32 with a warning (LRP_SCRATCH_CPU_BF16=1 forces bfloat16; lrp-scratch info shows the choice)')
     g.add_argument('--resume', metavar='CHECKPOINT', help='continue the run saved in CHECKPOINT (up to --epochs in all)')
 
 def _lrp_args(p):
@@ -528,6 +564,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--out', default=None, metavar='FILE.png', help="the PNG to write (default: explain_<name>.png in the checkpoint's folder)")
     _lrp_args(p); _data_args(p, train=False); _common_args(p); p.set_defaults(func=cmd_explain)
     _explain_dataset_parser(sub)
+    _add_info_command(sub)
     return parser
 
 # %% ../nbs/14_cli.ipynb #4ee7a550

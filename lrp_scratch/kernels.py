@@ -11,9 +11,10 @@ import torch
 
 # %% auto #0
 __all__ = ['HAS_C', 'OPS', 'OP_DEVICES', 'KERNEL_DEVICES', 'CPU_ISAS', 'build_info', 'use_reference', 'reference_kernels',
-           'kernels_active', 'use_cuda_kernels', 'cuda_kernels', 'available_cpu_isas', 'cpu_isa', 'stabilized_div_ref',
-           'stabilized_div', 'relevance_filter_ref', 'relevance_filter', 'filtered_stabilized_div_ref',
-           'filtered_stabilized_div', 'mul_sum_channels_ref', 'mul_sum_channels']
+           'kernels_active', 'use_cuda_kernels', 'cuda_kernels', 'available_cpu_isas', 'cpu_isa', 'isa_from_env',
+           'stabilized_div_ref', 'stabilized_div', 'relevance_filter_ref', 'relevance_filter',
+           'filtered_stabilized_div_ref', 'filtered_stabilized_div', 'mul_sum_channels_ref', 'mul_sum_channels',
+           'threads_used']
 
 # %% ../nbs/02_kernels.ipynb #618cc3dd
 def _load_extension():
@@ -45,8 +46,10 @@ def build_info() -> dict:
     if not HAS_C: return dict(loaded=False, reason=_C_MISSING, variant=None, devices=[], reference_forced=_state.reference)
     return dict(loaded=True, variant=_C.variant, cuda_archs=_C.cuda_archs, openmp=bool(_C.parallel_openmp),
                 devices=sorted(KERNEL_DEVICES), ops={n: sorted(d) for n, d in OP_DEVICES.items()},
-                cpu_isa=_cpu_isa(), cuda_kernels=_state.cuda, file=Path(_C.__file__).name,
-                reference_forced=_state.reference)
+                cpu_isa=_cpu_isa(), cpu_isa_detected=getattr(_C, 'cpu_isa_detected', None),
+                torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                num_threads=_C.num_threads() if hasattr(_C, 'num_threads') else None,
+                cuda_kernels=_state.cuda, file=Path(_C.__file__).name, reference_forced=_state.reference)
 
 # %% ../nbs/02_kernels.ipynb #d4e7034d
 class _KernelState:
@@ -116,6 +119,23 @@ def cpu_isa(name: str # 'portable', 'avx2' or 'avx512', at most what the CPU has
     if name not in available_cpu_isas():
         raise ValueError(f"cpu_isa: this CPU has {_C.cpu_isa_detected}, so {name!r} cannot run here; choose from {available_cpu_isas()}")
     return _switched(_C.set_cpu_isa, name)
+
+_ATEN_ISAS = {'default': 'portable', 'avx2': 'avx2'}  # PyTorch's ATEN_CPU_CAPABILITY values that lower the loops too
+
+def isa_from_env(env: dict|None = None, # the environment (default: os.environ)
+                ) -> str|None:
+    "The instruction set the environment asks for: `LRP_SCRATCH_CPU_ISA`, else what `ATEN_CPU_CAPABILITY` implies; None: the widest."
+    env = os.environ if env is None else env
+    name = env.get('LRP_SCRATCH_CPU_ISA', '').strip().lower()
+    if name:
+        if name not in CPU_ISAS: raise ValueError(f"LRP_SCRATCH_CPU_ISA={name!r}: expected one of {CPU_ISAS}, or unset it (the widest the CPU has)")
+        if name not in available_cpu_isas():
+            raise ValueError(f"LRP_SCRATCH_CPU_ISA={name!r}: this CPU has {_C.cpu_isa_detected}, so choose from {available_cpu_isas()} or unset it")
+        return name
+    name = _ATEN_ISAS.get(env.get('ATEN_CPU_CAPABILITY', '').strip().lower())
+    return name if name in available_cpu_isas() else None
+
+if _cpu_isa() is not None and isa_from_env(): _C.set_cpu_isa(isa_from_env())
 
 # %% ../nbs/02_kernels.ipynb #f968474e
 def _check_stabilized_div_args(num, den, eps):
@@ -288,3 +308,14 @@ def _register_mul_sum_channels():
     torch.library.register_fake(name)(lambda a, c: a.new_empty(a.shape[:1] + a.shape[2:]))
 
 if 'cpu' in OP_DEVICES['mul_sum_channels']: _register_mul_sum_channels()
+
+# %% ../nbs/02_kernels.ipynb #de3889a5
+def threads_used(f, # calls the compiled kernels, e.g. `stabilized_div`
+                 *args, **kwargs # passed to f
+                ) -> int:
+    "How many threads ran the compiled CPU kernels' parallel loops during `f(*args, **kwargs)` (counted, not timed; 0: no kernel ran)."
+    if not HAS_C or not hasattr(_C, 'thread_tally'):
+        raise RuntimeError(f"threads_used needs the compiled extension ({_C_MISSING or 'an older build without thread_tally'})")
+    _C.reset_thread_tally()
+    f(*args, **kwargs)
+    return bin(_C.thread_tally()).count('1')

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from fastcore.basics import patch
 from fastcore.meta import delegates
-from .core import atomic_write, get_device, seed_everything
+from .core import atomic_write, autocast_dtype, get_device, seed_everything, user_stacklevel
 from .loggers import get_logger
 from .loss_funcs import CrossEntropyLoss
 from .optimizers import get_optimizer
@@ -99,6 +99,7 @@ class History:
     def plot(self, figsize=(9, 3.2)):
         "Loss and accuracy per epoch (train line, validation markers); returns the matplotlib figure."
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
         fig, axs = plt.subplots(1, 2, figsize=figsize)
         ep = self['epoch']
         for ax, what in zip(axs, ('loss', 'accuracy')):
@@ -106,6 +107,7 @@ class History:
             v = [(e, x) for e, x in zip(ep, self[f'valid_{what}']) if not math.isnan(x)]
             if v: ax.plot(*zip(*v), 'o-', label='valid')
             ax.set_xlabel('epoch'); ax.set_title(what); ax.legend()
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers: no 1.25 ticks
         fig.tight_layout()
         plt.close(fig)
         return fig
@@ -234,7 +236,7 @@ def _progress_bar(total, desc: str, kind: bool|str = True, unit: str = 'batch'):
         if kind == 'text': from tqdm.std import tqdm
         else: from tqdm.auto import tqdm
     except ImportError:
-        warnings.warn("progress bars need tqdm (pip install tqdm); training without them", stacklevel=3)
+        warnings.warn("progress bars need tqdm (pip install tqdm); training without them", stacklevel=user_stacklevel())
         return None
     return tqdm(total=total, desc=desc, unit=unit, leave=True, dynamic_ncols=True)
 
@@ -260,7 +262,8 @@ class Trainer:
                  use_gpu: bool|None = None, # None: a GPU if there is one; True: warn when there is none
                  device: str|torch.device|None = None, # an explicit device (overrides use_gpu)
                  mixed_precision: bool = False, # autocast (what MPTrainer switches on)
-                 amp_dtype: torch.dtype|None = None, # autocast dtype; None: float16 on CUDA, bfloat16 on CPU
+                 amp_dtype: torch.dtype|None = None, # autocast dtype; None: the device's native one (`autocast_dtype`), float32 = none
+                 cpu_bf16: bool|None = None, # force the CPU's native-bfloat16 check (None: LRP_SCRATCH_CPU_BF16, else the hardware)
                  compile: bool|dict = False, # torch.compile the forward pass (a dict: its options)
                  channels_last: bool = False, # model and images in channels-last memory format
                  progress: bool|str = True, # progress bars (True: widgets in notebooks, text elsewhere; 'text': always text)
@@ -294,8 +297,8 @@ class Trainer:
         self.checkpoint_every, self.skip_nonfinite, self.progress, self.seed = checkpoint_every, skip_nonfinite, progress, seed
         self.channels_last, self.compile = channels_last, compile
         self.device = get_device(device) if device is not None else get_device(use_gpu if use_gpu is not None else torch.cuda.is_available())
-        self.mixed_precision = bool(mixed_precision)
-        self.amp_dtype = (amp_dtype or (torch.float16 if self.device.type == 'cuda' else torch.bfloat16)) if self.mixed_precision else None
+        self.amp_dtype = autocast_dtype(self.device, amp_dtype, cpu_bf16) if mixed_precision else None  # None: float32 (warned on a CPU without native bf16)
+        self.mixed_precision = self.amp_dtype is not None
         self.log = get_logger('trainers')
         model.to(self.device)
         if channels_last: model.to(memory_format=torch.channels_last)
@@ -596,7 +599,7 @@ def run(self: Trainer, resume_from: str|Path|None = None, # a checkpoint to cont
 
 # %% ../nbs/09_trainers.ipynb #8e22fed2
 class MPTrainer(Trainer):
-    "`Trainer` with mixed precision: autocast float16 + gradient scaling on CUDA, bfloat16 on the CPU."
+    "`Trainer` with mixed precision: float16 + gradient scaling on CUDA, bfloat16 on a CPU with native bfloat16, else float32 (warned)."
     @delegates(Trainer.__init__, but=['mixed_precision'])
     def __init__(self, model: nn.Module, *args, amp_dtype: torch.dtype|None = None, **kwargs):
         super().__init__(model, *args, mixed_precision=True, amp_dtype=amp_dtype, **kwargs)
@@ -675,7 +678,7 @@ def resume(self: Trainer, path: str|Path, # a checkpoint written by `save_model`
         gens, saved_gens = loader_generators(self.train_dataloader), mine['loader_rng']
     if set(gens) != set(saved_gens) and saved_world == self.world_size:
         warnings.warn(f"the training loader's random generators ({sorted(gens) or 'none'}) differ from the checkpoint's "
-                      f"({sorted(saved_gens) or 'none'}): the data order after resuming will differ from an uninterrupted run", stacklevel=2)
+                      f"({sorted(saved_gens) or 'none'}): the data order after resuming will differ from an uninterrupted run", stacklevel=user_stacklevel())
     for k, g in gens.items():
         if k in saved_gens: g.set_state(saved_gens[k].cpu())
     self._last_checkpoint = (Path(path), self.epoch)
