@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from .data_transformations import ToTensor
 from .digits import make_digits
+from .core import user_stacklevel
 
 # %% auto #0
 __all__ = ['MNIST_FILES', 'DATASETS', 'mnist_dataloader', 'InMemoryDataset', 'DatasetFileError', 'read_idx', 'write_idx',
@@ -334,7 +335,7 @@ def _default_workers() -> int:
 def _one_loader(ds, indices, batch_size, shuffle, seed, drop_last, augment, device, pin_memory, num_workers):
     fast = isinstance(ds, InMemoryDataset) and (ds.transform is None or getattr(ds.transform, 'batchable', False))
     if fast:
-        if num_workers: warnings.warn(f"num_workers={num_workers} is ignored: {ds!r} is batched in memory without per-item work", stacklevel=3)
+        if num_workers: warnings.warn(f"num_workers={num_workers} is ignored: {ds!r} is batched in memory without per-item work", stacklevel=user_stacklevel())
         return TensorLoader(ds, indices, batch_size, shuffle, seed, drop_last, augment, device, pin_memory)
     workers = _default_workers() if num_workers is None else num_workers
     dl = DataLoader(ds if indices is None else Subset(ds, indices.tolist()), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np
 from torch import nn
-from .core import seed_everything
+from .core import seed_everything, user_stacklevel
 from .loggers import get_logger
 from .trainers import Trainer, atomic_save, load_checkpoint, loader_generators, _atomic_write_text, _progress_bar
 from .distributed import is_main, rank_zero_logging
@@ -58,7 +58,7 @@ def parameter_sampler(param_distributions: dict|list[dict], # parameter -> list,
     if all(not hasattr(v, 'rvs') and not callable(v) for d in spaces for v in d.values()):
         grid = parameter_grid(spaces)
         if n_iter > len(grid):
-            warnings.warn(f"n_iter={n_iter} is more than the {len(grid)} possible settings; running each once", stacklevel=2)
+            warnings.warn(f"n_iter={n_iter} is more than the {len(grid)} possible settings; running each once", stacklevel=user_stacklevel())
             n_iter = len(grid)
         return [grid[i] for i in rng.permutation(len(grid))[:n_iter]]
     out = []
@@ -165,7 +165,7 @@ class _Search:
             try: rec = json.loads(line)
             except json.JSONDecodeError:
                 if i == len(lines) - 1:
-                    warnings.warn(f"{self.results_path}: the last line is cut off (interrupted while writing); that trial runs again", stacklevel=3)
+                    warnings.warn(f"{self.results_path}: the last line is cut off (interrupted while writing); that trial runs again", stacklevel=user_stacklevel())
                     _atomic_write_text(self.results_path, ''.join(l + '\n' for l in lines[:-1]))  # drop it before appending
                     continue
                 raise ValueError(f"{self.results_path}, line {i + 1}: not valid JSON; this is not a results file of a search (or it is damaged)")
@@ -217,7 +217,7 @@ class _Search:
         done = self._read_results()
         planned = {trial_key(p) for p in self.trials}
         stray = [k for k in done if k not in planned]
-        if stray: warnings.warn(f"{self.results_path} holds {len(stray)} trial(s) that are not in this search; they are ignored", stacklevel=2)
+        if stray: warnings.warn(f"{self.results_path} holds {len(stray)} trial(s) that are not in this search; they are ignored", stacklevel=user_stacklevel())
         self.results_ = SearchResults(done[trial_key(p)] for p in self.trials if trial_key(p) in done)
         best = self._best_record()
         todo = [(i, p) for i, p in enumerate(self.trials) if trial_key(p) not in done]
@@ -250,7 +250,7 @@ class _Search:
     def _load_best(self, best: dict) -> nn.Module|None:
         "The best trial's model, rebuilt and loaded from `<name>.best.pt` (it ran in an earlier session)."
         if self.best_path is None or not self.best_path.exists():
-            warnings.warn(f"the best trial ({best['trial']}) ran earlier and its weights ({self.best_path}) are missing: best_model_ is None", stacklevel=3)
+            warnings.warn(f"the best trial ({best['trial']}) ran earlier and its weights ({self.best_path}) are missing: best_model_ is None", stacklevel=user_stacklevel())
             return None
         ck = load_checkpoint(self.best_path)
         params = self.trials[best['trial']]

@@ -8,7 +8,7 @@ import contextlib
 from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
-from .core import get_device
+from .core import autocast_dtype, get_device, user_stacklevel
 from .loss_funcs import CrossEntropyLoss
 from .metrics import ClassificationMetrics, ClassificationReport
 from fastcore.basics import patch
@@ -98,7 +98,7 @@ class Tester:
                  use_gpu: bool|None = None, # None: a GPU if there is one; True: warn and use the CPU when there is none
                  device: str|torch.device|None = None, # an explicit device (overrides use_gpu)
                  class_names: Sequence[str]|None = None, # None: the dataset's `classes`, else '0', '1', ...
-                 mixed_precision: bool = False, # run the model under autocast (float16 on CUDA, bfloat16 on CPU)
+                 mixed_precision: bool = False, # autocast where the device computes it natively (as MPTrainer: `core.autocast_dtype`)
                  verbose: bool = True, # print the report in run()
                  distributed: bool|str = 'auto', # under torchrun with several processes: each rank tests a contiguous share, the counts are summed
                 ):
@@ -113,8 +113,8 @@ class Tester:
         self._setup_distributed(distributed)
 
     def _autocast(self):
-        if not self.mixed_precision: return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.float16 if self.device.type == 'cuda' else torch.bfloat16)
+        dtype = autocast_dtype(self.device, warn=False) if self.mixed_precision else None
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 
     def run(self) -> TestReport:
         "One pass over the test set (eval mode, no gradients); the report, printed unless `verbose=False`."
@@ -167,7 +167,7 @@ def _setup_distributed(self: Tester, distributed: bool|str):
     self.model.to(self.device)
     if isinstance(getattr(self.test_dataloader, 'sampler', None), DistributedSampler):
         warnings.warn(f"{rank_prefix()}the test loader has a DistributedSampler, which pads the test set with repeated images: the report counts "
-                      "them twice. Pass the plain loader: the Tester splits it into unpadded shares itself", stacklevel=3)
+                      "them twice. Pass the plain loader: the Tester splits it into unpadded shares itself", stacklevel=user_stacklevel())
     self.test_dataloader = distributed_loader(self.test_dataloader, train=False)
     self._sum_ranks = is_sharded(self.test_dataloader)  # an unsplittable loader: every rank tests all of it, nothing to sum
 
