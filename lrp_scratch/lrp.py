@@ -5,20 +5,23 @@
 # %% ../nbs/08_lrp.ipynb #4bff8fba
 from __future__ import annotations
 import math
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Callable, NamedTuple, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode, resolve_name
 from .kernels import stabilized_div, filtered_stabilized_div, relevance_filter as _filter_k
+from .lrp_graph import (LINEAR_TYPES, BATCHNORM_TYPES, GRADIENT_METHODS, SHAPE_METHODS, LRPGraph, Op, Sum,
+                                   UnsupportedOpError, trace)
 
 # %% auto #0
-__all__ = ['LINEAR_TYPES', 'CONV_TYPES', 'ACTIVATION_TYPES', 'AVGPOOL_TYPES', 'MAXPOOL_TYPES', 'BATCHNORM_TYPES',
-           'GRADIENT_TYPES', 'relevance_filter', 'LRPContext', 'redistribute', 'redistribute_graph', 'Rule', 'Epsilon',
-           'LRP0', 'ZPlus', 'AlphaBeta', 'Alpha1Beta0', 'Alpha2Beta1', 'Gamma', 'ZBox', 'Flat', 'WSquare', 'Pass',
+__all__ = ['CONV_TYPES', 'ACTIVATION_TYPES', 'AVGPOOL_TYPES', 'MAXPOOL_TYPES', 'NORM_TYPES', 'GRADIENT_TYPES', 'PRESETS',
+           'relevance_filter', 'LRPContext', 'redistribute', 'redistribute_graph', 'Rule', 'Epsilon', 'LRP0', 'ZPlus',
+           'AlphaBeta', 'Alpha1Beta0', 'Alpha2Beta1', 'Gamma', 'ZBox', 'Flat', 'WSquare', 'Pass', 'SignalTakesAll',
            'Norm', 'MaxPoolAsAvg', 'Composite', 'EpsilonPlus', 'EpsilonPlusFlat', 'EpsilonGammaBox',
-           'EpsilonAlpha2Beta1', 'EpsilonAlpha2Beta1Flat', 'Uniform', 'OnesInput', 'classic', 'MergeBatchNorm',
-           'LayerRelevance', 'LRPModel', 'explain', 'forward']
+           'EpsilonAlpha2Beta1', 'EpsilonAlpha2Beta1Flat', 'Uniform', 'OnesInput', 'classic', 'get_composite',
+           'MergeBatchNorm', 'LayerRelevance', 'LRPModel', 'explain', 'forward']
 
 # %% ../nbs/08_lrp.ipynb #8b902fff
 def _check_top_k(top_k):
@@ -245,15 +248,24 @@ class WSquare(Rule):
 
 # %% ../nbs/08_lrp.ipynb #6a2c32a2
 class Pass(Rule):
-    "Relevance passes through unchanged (activations, dropout, merged BatchNorm)."
+    "Relevance passes through unchanged (activations, dropout, merged BatchNorm, constant scales)."
     needs_params = needs_input = False
     def relevance(self, ctx, r): return r
 
+class SignalTakesAll(Pass):
+    "Gates (y = signal * gate): all relevance to the signal, none to the gate (Arras et al. 2017)."
+
+def _sum_relevance(s: Sum, xs, r, eps):
+    "The z-rule of a sum y = sum_k c_k x_k: R_k = c_k x_k R / stab(y), one tensor per term."
+    q = stabilized_div(r, s(*xs), eps)
+    return tuple(s.term(x, c) * q for x, c in zip(xs, s.coefficients))
+
 class Norm(Rule):
-    "z-rule with the module's own forward: R_i = x_i sum_j (dy_j/dx_i) R_j / stab(y_j) (average pooling)."
+    "z-rule with the module's own forward: R_i = x_i sum_j (dy_j/dx_i) R_j / stab(y_j) (average pooling, sums of tensors)."
     needs_params, fuses_filter = False, True
     def __init__(self, stabilizer: float = 1e-6): self.stabilizer = _check_eps('stabilizer', stabilizer)
     def relevance(self, ctx, r):
+        if isinstance(ctx.module, Sum): return _sum_relevance(ctx.module, ctx.x, r, self.stabilizer)
         return redistribute(ctx.fn, [(ctx.x, None, None)], r, self.stabilizer, ctx.k)
 
 _MAXPOOL_AS_AVG = {nn.MaxPool1d: F.avg_pool1d, nn.MaxPool2d: F.avg_pool2d, nn.MaxPool3d: F.avg_pool3d}
@@ -273,13 +285,12 @@ class MaxPoolAsAvg(Rule):
 def _tuple(v): return v if isinstance(v, tuple) else (v,)
 
 # %% ../nbs/08_lrp.ipynb #5ac10567
-LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
                     nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.PReLU, nn.Softsign)
 AVGPOOL_TYPES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 MAXPOOL_TYPES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+NORM_TYPES = (nn.LayerNorm,)
 GRADIENT_TYPES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                   nn.AlphaDropout) + MAXPOOL_TYPES  # their gradient is the relevance flow we want
 
@@ -298,23 +309,34 @@ def _as_pairs(m):
     return list(m.items()) if isinstance(m, dict) else list(m)
 
 class Composite:
-    "Maps the modules of a model to LRP rules: by name, first linear layer, then by type."
+    "Maps the modules and ops of a model to LRP rules: by name, first linear layer, then by type."
     def __init__(self, layer_map: Sequence = (), # [(module type or tuple of types, Rule), ...], first match wins
                  first_map: Sequence = (), # rules for the first linear layer (conv or dense), same format
-                 name_map: dict|None = None, # {module name: Rule}, e.g. {'features.0': Flat()}
+                 name_map: dict|None = None, # {module or op name: Rule}, e.g. {'features.0': Flat(), 'layer1.0.add': Norm()}
                  canonizers: Sequence|None = None, # default: (MergeBatchNorm(),)
-                 activation_rule: Rule|None = None, # rule of activations, default Pass()
-                 pool_rule: Rule|None = None, # rule of average pools, default Norm()
+                 activation_rule: Rule|None = None, # rule of activations (modules and functions), default Pass()
+                 pool_rule: Rule|None = None, # rule of average pools and means, default Norm()
                  maxpool_rule: Rule|None = None, # rule of max pools; default None: the gradient (winner-take-all)
+                 sum_rule: Rule|None = None, # rule of sums of tensors (residual adds), default Norm(): the z-rule
+                 gate_rule: Rule|None = None, # rule of gates (x * f(x)), default SignalTakesAll()
+                 cat_rule: Rule|None = None, # rule of torch.cat; default None: the gradient (each input its slice)
+                 constant_rule: Rule|None = None, # rule of ops with a constant (x * c, x + c), default Pass()
+                 norm_rule: Rule|None = None, # rule of LayerNorm (modules and F.layer_norm), default Pass()
+                 batchnorm_rule: Rule|None = None, # rule of a BatchNorm that cannot be folded, default Pass()
                  name: str|None = None):
         self.layer_map, self.first_map, self.name_map = _as_pairs(layer_map), _as_pairs(first_map), dict(name_map or {})
         self.canonizers = tuple(canonizers) if canonizers is not None else (MergeBatchNorm(),)
         self.activation_rule, self.pool_rule, self.maxpool_rule = activation_rule or Pass(), pool_rule or Norm(), maxpool_rule
+        self.sum_rule, self.gate_rule, self.cat_rule = sum_rule or Norm(), gate_rule or SignalTakesAll(), cat_rule
+        self.constant_rule, self.norm_rule, self.batchnorm_rule = constant_rule or Pass(), norm_rule or Pass(), batchnorm_rule or Pass()
         self.name = name or type(self).__name__
 
     def rule_for(self, name: str, module: nn.Module, first: bool) -> Rule|None|str:
         "The rule of one module; None: its gradient; 'unsupported': no rule known."
         if name in self.name_map: return self.name_map[name]
+        if isinstance(module, Op):
+            return dict(sum=self.sum_rule, gate=self.gate_rule, cat=self.cat_rule, constant=self.constant_rule,
+                        activation=self.activation_rule, pool=self.pool_rule, norm=self.norm_rule).get(module.kind, 'unsupported')
         if first:
             for types, rule in self.first_map:
                 if isinstance(module, types): return rule
@@ -323,36 +345,72 @@ class Composite:
         if isinstance(module, ACTIVATION_TYPES): return self.activation_rule
         if isinstance(module, AVGPOOL_TYPES): return self.pool_rule
         if isinstance(module, MAXPOOL_TYPES): return self.maxpool_rule
-        if isinstance(module, BATCHNORM_TYPES): return Pass()  # reached only when no canonizer merged it
+        if isinstance(module, NORM_TYPES): return self.norm_rule
+        if isinstance(module, BATCHNORM_TYPES): return self.batchnorm_rule  # reached only when it cannot be folded
         if isinstance(module, GRADIENT_TYPES): return None
         return 'unsupported'
 
-    def rules(self, model: nn.Module) -> dict:
-        "{name: (module, rule)} for every leaf module of `model` that gets a rule; raises for unsupported leaves."
-        out, first_done, bad = {}, False, []
-        for name, m in model.named_modules():
-            if name in self.name_map and next(m.children(), None) is not None:
+    def _graph_key(self) -> tuple:
+        "What the graph depends on: the module types and names with a rule of their own, and BatchNorm folding."
+        types = tuple(t for ts, _ in self.layer_map + self.first_map for t in (ts if isinstance(ts, tuple) else (ts,)))
+        return types, tuple(self.name_map), any(isinstance(c, MergeBatchNorm) for c in self.canonizers)
+
+    def graph(self, model: nn.Module) -> LRPGraph:
+        "`model` traced for this composite (see [LRP on graphs](lrp_graph.html)): its modules and functional ops."
+        with _eval_and_out_of_place(model): return trace(model, *self._graph_key())
+
+    def entries(self, model: nn.Module, graph: LRPGraph|None = None) -> list:
+        "[(name, module, rule, note), ...] in the order the model calls them; rule None: the gradient, 'unsupported': none."
+        graph = self.graph(model) if graph is None else graph
+        if graph.module is None:  # not traceable: the leaf modules, in registration order
+            calls = [(n, m) for n, m in model.named_modules() if next(m.children(), None) is None]
+            folded = {id(bn): lin for c in self.canonizers if isinstance(c, MergeBatchNorm) for lin, bn in c.pairs(model)}
+            names = {id(m): n for n, m in model.named_modules()}
+            notes = {n: f"folded into `{names[id(folded[id(m)])]}`" for n, m in calls if id(m) in folded}
+        else:
+            seen, calls = set(), []
+            for node in graph.module.graph.nodes:
+                if node.op == 'call_module' and node.target not in seen:
+                    seen.add(node.target); calls.append((graph.names[node.target], graph.module.get_submodule(node.target)))
+            notes = {bn: f"folded into `{lin}`" for bn, lin in graph.folded.items()}
+            notes |= {bn: f"not folded: {why}" for bn, why in graph.unfolded.items()}
+        out, first_done = [], False
+        for name, m in calls:
+            if name in self.name_map and next(m.children(), None) is not None and not isinstance(m, Op):
                 raise ValueError(f"name_map names {name!r}, which is a container ({type(m).__name__}); name its leaf modules")
-            if next(m.children(), None) is not None: continue  # containers: their leaves get the rules
             first = not first_done and isinstance(m, LINEAR_TYPES)
-            rule = self.rule_for(name, m, first)
             first_done = first_done or first
-            if isinstance(rule, str): bad.append((name or '<model>', m))
-            elif rule is not None: out[name] = (m, rule)
+            note = notes.get(name, '')
+            rule = Pass() if note.startswith('folded') else self.rule_for(name, m, first)
+            out.append((name, m, rule, note))
+        return out
+
+    def rules(self, model: nn.Module, graph: LRPGraph|None = None) -> dict:
+        "{name: (module, rule)} for every module and op of `model` that gets a rule; raises for unsupported ones."
+        entries = self.entries(model, graph)
+        bad = [(n, m) for n, m, r, _ in entries if isinstance(r, str)]
         if bad:
-            lst = '; '.join(f"`{n}` ({type(m).__module__}.{type(m).__name__})" for n, m in bad)
+            lst = '; '.join(f"`{n or '<model>'}` ({type(m).__module__}.{type(m).__name__})" for n, m in bad)
             raise TypeError(f"LRP has no rule for {lst}. Supported: Linear, Conv1d/2d/3d, activations, pooling, BatchNorm, "
-                            f"Flatten, Identity, Dropout. Give it one with the composite, e.g. "
-                            f"`EpsilonPlusFlat(layer_map=[({type(bad[0][1]).__name__}, Pass())])` or "
+                            f"LayerNorm, Flatten, Identity, Dropout, and the functional ops of LRP on graphs. Give it one with the "
+                            f"composite, e.g. `EpsilonPlusFlat(layer_map=[({type(bad[0][1]).__name__}, Pass())])` or "
                             f"`name_map={{'{bad[0][0]}': Norm()}}`, or write a Rule subclass (see the LRP docs).")
+        out = {n: (m, r) for n, m, r, note in entries if r is not None and not note.startswith('folded')}
         for name, (m, rule) in out.items():
             if rule.needs_params and not isinstance(m, LINEAR_TYPES):
                 raise TypeError(f"{rule!r} needs a linear layer (Linear/Conv) but `{name}` is {type(m).__name__}")
         return out
 
     def table(self, model: nn.Module) -> str:
-        "The module -> rule map of `model`, one line each."
-        return '\n'.join(f"{n:24} {type(m).__name__:18} {r!r}" for n, (m, r) in self.rules(model).items())
+        "The module and op -> rule map of `model` in call order, one line each (ops named `module path.function`)."
+        graph = self.graph(model)
+        self.rules(model, graph)  # raises for what has no rule
+        rows = []
+        for n, m, r, note in self.entries(model, graph):
+            what = m.label if isinstance(m, Op) else type(m).__name__
+            rule = note if note.startswith('folded') else ('gradient' if r is None else repr(r))
+            rows.append(f"{n:28} {what:20} {rule}" + (f"  ({note})" if note and not note.startswith('folded') else ''))
+        return '\n'.join(rows)
 
     def __repr__(self): return f"{self.name}(layer_map={self.layer_map}, first_map={self.first_map}, name_map={self.name_map})"
 
@@ -415,6 +473,24 @@ def classic(epsilon: float = 1e-5, layer_map=(), first_map=(), **kw) -> Composit
     kw = dict(pool_rule=Norm(epsilon), maxpool_rule=MaxPoolAsAvg(epsilon)) | kw
     return _preset('classic', [(LINEAR_TYPES, zp)], [(LINEAR_TYPES, OnesInput(zp))], layer_map, first_map, **kw)
 
+# %% ../nbs/08_lrp.ipynb #441d054b
+PRESETS = {f.__name__: f for f in (EpsilonPlus, EpsilonPlusFlat, EpsilonGammaBox, EpsilonAlpha2Beta1, EpsilonAlpha2Beta1Flat, classic)}
+_NEED_ARGS = {'EpsilonGammaBox': "the bounds of the input, e.g. `EpsilonGammaBox(low=-3., high=3.)` for normalised images",
+              'Uniform': "a rule, e.g. `Uniform(Epsilon(0.))`"}
+
+def get_composite(composite: Composite|str, # a composite, or the name of a preset, spelled as the function (e.g. 'EpsilonPlusFlat')
+                 ) -> Composite:
+    "A composite from itself or from a preset's name (with the preset's default arguments)."
+    if isinstance(composite, Composite): return composite
+    if isinstance(composite, str):
+        if composite in _NEED_ARGS: raise ValueError(f"the composite {composite!r} needs {_NEED_ARGS[composite]}: pass the composite itself")
+        if composite not in PRESETS:
+            near = [n for n in PRESETS if n.lower() == composite.lower()]
+            hint = f" (did you mean {near[0]!r}?)" if near else ''
+            raise ValueError(f"unknown composite {composite!r}{hint}; presets by name: {', '.join(PRESETS)}")
+        return PRESETS[composite]()
+    raise TypeError(f"composite must be a Composite (e.g. EpsilonPlusFlat()) or a preset's name, got {type(composite).__name__}")
+
 # %% ../nbs/08_lrp.ipynb #fef35157
 class MergeBatchNorm:
     "Canonizer: fold each BatchNorm that directly follows a Linear/Conv in an nn.Sequential into that layer."
@@ -443,22 +519,23 @@ class MergeBatchNorm:
 
 # %% ../nbs/08_lrp.ipynb #ba80f42b
 class LayerRelevance(NamedTuple):
-    "Relevance at one module's output (after the filter) and at its input (after its rule)."
+    "Relevance at one module's output (after the filter) and at its input (after its rule; a tuple for ops with several inputs)."
     output: torch.Tensor
-    input: torch.Tensor
+    input: torch.Tensor|tuple
 
 class _Node:
-    "One module with its rule during one LRP call."
+    "One module (or op) with its rule during one LRP call."
     def __init__(self, name, module, rule, params, fn, top_k, renormalize, record):
         self.name, self.module, self.rule, self.params = name, module, rule, params
         self.top_k, self.renormalize, self.record = top_k, renormalize, record
         self.original_forward = type(module).forward.__get__(module)  # the class's forward, not our override
         self.linear = fn is not None
         self.fn = fn if fn is not None else (lambda x, w=None, b=None: self.original_forward(x))
+        self.path = module.path if isinstance(module, Op) else (0,)  # the inputs that receive relevance
 
-    def forward(self, x):
-        if not self.linear: return self.original_forward(x), None
-        p = self.params
+    def forward(self, *xs):
+        if not self.linear: return self.original_forward(*xs), None
+        x, p = xs[0], self.params
         if self.rule.reuses_forward:  # keep the graph: the rule's backward needs nothing else
             with torch.enable_grad():
                 xg = x.detach().requires_grad_(True)
@@ -466,36 +543,48 @@ class _Node:
             return z.detach(), ((xg,), z)
         return self.fn(x, p['_w'], p['_b']), None
 
-    def relevance(self, x, y, r, graph):
+    def _context(self, xs, y, graph, k):
+        if isinstance(self.module, Sum): return LRPContext(self.module, tuple(xs), y, self.params, self.fn, graph, k)
+        i = self.path[0]
+        if len(xs) == 1: return LRPContext(self.module, xs[0], y, self.params, self.fn, graph, k)
+        # an op with constants among its inputs: the rule sees a function of the relevance-carrying input alone
+        fn = lambda v, w=None, b=None: self.original_forward(*xs[:i], v, *xs[i + 1:])
+        return LRPContext(self.module, xs[i], y, self.params, fn, graph, k)
+
+    def relevance(self, xs, y, r, graph, shapes):
         k = None if isinstance(self.rule, Pass) else _filter_count(r, self.top_k)
-        if k is not None and (self.record is not None or self.renormalize or not self.rule.fuses_filter):
+        if k is not None and (self.record is not None or self.renormalize or not self.rule.fuses_filter or len(xs) > 1):
             r, k = relevance_filter(r, self.top_k, self.renormalize), None  # filter now (the rule cannot fuse it)
-        r_in = self.rule.relevance(LRPContext(self.module, x, y, self.params, self.fn, graph, k), r)
-        if self.record is not None: self.record[self.name] = LayerRelevance(r.detach(), r_in.detach())
-        return r_in
+        r_in = self.rule.relevance(self._context(xs, y, graph, k), r)
+        if self.record is not None:
+            self.record[self.name] = LayerRelevance(r.detach(), tuple(t.detach() for t in r_in) if isinstance(r_in, tuple) else r_in.detach())
+        outs = [None] * len(shapes)
+        for i, ri in zip(self.path, r_in if isinstance(r_in, tuple) else (r_in,)):
+            outs[i] = ri if ri.shape == shapes[i] else ri.sum_to_size(shapes[i])  # broadcast inputs: sum their copies
+        return outs
 
 class _RuleFunction(torch.autograd.Function):
     "Forward: the module's output. Backward: the module's rule applied to the relevance at its output."
     @staticmethod
-    def forward(ctx, x, node):
-        y, graph = node.forward(x)
-        ctx.node, ctx.graph = node, graph
-        dev = x.device.type
+    def forward(ctx, node, *xs):
+        y, graph = node.forward(*xs)
+        ctx.node, ctx.graph, ctx.shapes = node, graph, [x.shape for x in xs]
+        dev = xs[0].device.type
         ctx.autocast = (dev, torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None
         # keep only what the rule reads: e.g. an activation's input (the pre-activation) is freed as in plain autograd
         rule = node.rule
-        ctx.save_for_backward(x if rule.needs_input else None, y if rule.needs_output else None)
+        ctx.save_for_backward(*(xs if rule.needs_input else [None] * len(xs)), y if rule.needs_output else None)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, r):
-        x, y = ctx.saved_tensors
+        *xs, y = ctx.saved_tensors
         with ExitStack() as stack:
             if ctx.autocast: stack.enter_context(torch.autocast(ctx.autocast[0], dtype=ctx.autocast[1]))
-            r_in = ctx.node.relevance(x, y, r, ctx.graph)
+            r_in = ctx.node.relevance(xs, y, r, ctx.graph, ctx.shapes)
         ctx.graph = None
-        return r_in, None
+        return (None, *r_in)
 
 # %% ../nbs/08_lrp.ipynb #35b530ca
 def _override_forward(stack: ExitStack, module: nn.Module, forward: Callable):
@@ -510,10 +599,11 @@ def _override_forward(stack: ExitStack, module: nn.Module, forward: Callable):
 
 def _rule_forward(node: _Node) -> Callable:
     def forward(*args, **kwargs):
-        if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+        ok = args and not kwargs and all(isinstance(a, torch.Tensor) for a in args)
+        if not ok or (len(args) != 1 and not isinstance(node.module, Op)):
             raise TypeError(f"LRP: `{node.name}` ({type(node.module).__name__}) was called with {len(args)} positional and "
                             f"{len(kwargs)} keyword arguments; rules handle modules with one tensor input")
-        return _RuleFunction.apply(args[0], node)
+        return _RuleFunction.apply(node, *args)
     return forward
 
 @contextmanager
@@ -528,6 +618,47 @@ def _eval_and_out_of_place(model: nn.Module):
     finally:
         for m, t in training.items(): m.training = t
         for m in inplace: m.inplace = True
+
+# %% ../nbs/08_lrp.ipynb #26f39cd7
+_SAFE_NAMES = GRADIENT_METHODS | SHAPE_METHODS | {'__getitem__', 'cat', 'concat', 'stack', 'flatten', 'reshape', 'dim',
+                                                  'size', 'requires_grad', 'is_floating_point', 'dtype', 'device', 'shape'}
+
+class _FunctionAudit(TorchFunctionMode):
+    "Without a graph: note every tensor op between modules that is not pure data movement; `check` raises if the output uses one."
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.depth, self.where, self.handles, self.suspects = 0, [''], [], {}
+        names = {m: n for n, m in model.named_modules()}
+        for m in model.modules():
+            leaf = next(m.children(), None) is None
+            self.handles.append(m.register_forward_pre_hook(lambda mod, a, leaf=leaf, n=names[m]: self._enter(n, leaf)))
+            self.handles.append(m.register_forward_hook(lambda mod, a, o, leaf=leaf: self._exit(leaf)))
+    def _enter(self, name, leaf): self.where.append(name); self.depth += leaf
+    def _exit(self, leaf): self.where.pop(); self.depth -= leaf
+    def __exit__(self, *exc):
+        for h in self.handles: h.remove()
+        return super().__exit__(*exc)
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.depth == 0 and isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            name = resolve_name(func) or getattr(func, '__name__', repr(func))
+            if name.removesuffix('.__get__').split('.')[-1] not in _SAFE_NAMES and not name.endswith('__get__'):
+                self.suspects[out.grad_fn] = (name, self.where[-1])
+        return out
+    def check(self, out: torch.Tensor):
+        "Raise if the output depends on an op that needs a rule (ops used only for control flow are fine)."
+        seen, todo = set(), [out.grad_fn]
+        while todo:
+            f = todo.pop()
+            if f is None or f in seen: continue
+            if f in self.suspects:
+                name, where = self.suspects[f]
+                raise UnsupportedOpError(
+                    f"LRP cannot see the ops between the modules of this model (torch.fx could not trace it), and the output "
+                    f"depends on `{name}` called in `{where or '<model>'}`, which needs a rule: explaining it would return "
+                    f"wrong relevance. Make the model traceable by torch.fx, or move the op into an nn.Module and give it "
+                    f"a rule with the composite's layer_map.")
+            seen.add(f); todo.extend(g for g, _ in f.next_functions)
 
 # %% ../nbs/08_lrp.ipynb #e7f709e4
 def _seed(out: torch.Tensor, target) -> torch.Tensor:
@@ -554,17 +685,15 @@ class LRPModel(nn.Module):
     "Explain `model` with Layer-wise Relevance Propagation."
     def __init__(self, model: nn.Module, # the classifier to explain; it is never modified
                  top_k: float = 0.0, # relevance filter: fraction of values kept per sample before each layer (0: off)
-                 composite: Composite|None = None, # rules; default `classic()`, the original project's LRP
+                 composite: Composite|str|None = None, # rules, or a preset's name; default `classic()`, the original project's LRP
                  renormalize: bool = False, # rescale what the filter keeps to the sum before filtering
                  cache_params: bool = True, # keep modified parameters between calls (recomputed when weights change)
                 ):
         super().__init__()
         if not isinstance(model, nn.Module): raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model, self.top_k, self.renormalize = model, _check_top_k(top_k), renormalize
-        self.composite = composite if composite is not None else classic()
-        if not isinstance(self.composite, Composite):
-            raise TypeError(f"composite must be a Composite (e.g. EpsilonPlusFlat()), got {type(self.composite).__name__}")
-        self.cache_params, self._cache = cache_params, {}
+        self.composite = get_composite(composite) if composite is not None else classic()
+        self.cache_params, self._cache, self._graphs = cache_params, {}, {}
 
     def __repr__(self):
         return f"LRPModel(model={type(self.model).__name__}, composite={self.composite.name}, top_k={self.top_k})"
@@ -602,35 +731,45 @@ def _check_input(self: LRPModel, x):
         raise ValueError(f"x is on {x.device} but the model is on {p.device}: move one of them")
     if not torch.isfinite(x).all(): raise ValueError("x contains NaN or infinite values")
 
+def _graph(self: LRPModel, comp: Composite) -> LRPGraph:
+    "The model's graph for this composite, traced once and kept while the model's modules stay the same."
+    key = (comp._graph_key(), tuple(map(id, self.model.modules())))
+    g = self._graphs.get(key)
+    if g is None:
+        g = self._graphs[key] = comp.graph(self.model)
+        while len(self._graphs) > 8: self._graphs.pop(next(iter(self._graphs)))
+    return g
+
 def explain(self: LRPModel,
             x: torch.Tensor, # input batch (N, C, H, W) (any shape the model takes, with a batch dimension)
             target=None, # None: softmax seed; 'pred'; an int; or a LongTensor (N,) of classes
-            composite: Composite|None = None, # rules for this call (default: the model's composite)
-            return_layers: bool = False, # also return {module name: LayerRelevance} for every module with a rule
+            composite: Composite|str|None = None, # rules for this call, or a preset's name (default: the model's composite)
+            return_layers: bool = False, # also return {module name: LayerRelevance} for every module and op with a rule
             top_k: float|None = None, # relevance filter for this call (default: the model's top_k)
            ):
     "Relevance of `x` (same shape and device) and the model output; plus per-layer relevance when asked."
     self._check_input(x)
-    comp = self.composite if composite is None else composite
+    comp = self.composite if composite is None else get_composite(composite)
     top_k = self.top_k if top_k is None else _check_top_k(top_k)
-    plan = comp.rules(self.model)
-    merged = {}  # linear module -> the BatchNorm folded into it
-    for c in comp.canonizers:
-        if isinstance(c, MergeBatchNorm): merged.update(dict(c.pairs(self.model)))
-    folded = {id(bn) for bn in merged.values()}
+    graph = self._graph(comp)
+    plan = comp.rules(self.model, graph)
+    if graph.module is not None: merged, run = graph.merged, graph.module
+    else:  # not traceable: the module walk, with every op between modules watched
+        merged = {lin: bn for c in comp.canonizers if isinstance(c, MergeBatchNorm) for lin, bn in c.pairs(self.model)}
+        run = self.model
     record = {} if return_layers else None
     with ExitStack() as stack:
         stack.enter_context(_eval_and_out_of_place(self.model))
+        for bn in merged.values(): _override_forward(stack, bn, lambda x: x)  # merged into the previous layer: the identity
         for name, (m, rule) in plan.items():
-            if id(m) in folded:
-                _override_forward(stack, m, lambda x: x)  # merged into the previous layer: the identity
-                continue
             if isinstance(m, LINEAR_TYPES): params, fn = self._params(m, rule, merged.get(m)), _linear_fn(m)
             else: params, fn = {}, None
             _override_forward(stack, m, _rule_forward(_Node(name, m, rule, params, fn, top_k, self.renormalize, record)))
         xg = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            out = self.model(xg)
+            with _FunctionAudit(self.model) if graph.module is None else nullcontext() as audit:  # the forward only
+                out = run(xg)
+            if audit is not None and isinstance(out, torch.Tensor): audit.check(out)
             if not isinstance(out, torch.Tensor): raise TypeError(f"the model returned {type(out).__name__}; LRP needs a tensor output")
             seed = _seed(out, target)
             if not out.requires_grad:
@@ -646,4 +785,4 @@ def forward(self: LRPModel, x: torch.Tensor) -> torch.Tensor:
     r = r.sum(1).detach().cpu()
     return r[0] if r.shape[0] == 1 else r
 
-LRPModel._check_input, LRPModel.explain, LRPModel.forward = _check_input, explain, forward
+LRPModel._check_input, LRPModel._graph, LRPModel.explain, LRPModel.forward = _check_input, _graph, explain, forward
