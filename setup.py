@@ -41,6 +41,9 @@ if cfg.get("pip_requirements"): requirements += cfg.get("pip_requirements", "").
 min_python = cfg["min_python"]
 lic = licenses.get(cfg["license"].lower(), (cfg["license"], None))
 dev_requirements = (cfg.get("dev_requirements") or "").split()
+# optional extras: every `<name>_requirements` key of settings.ini (dev_requirements -> .[dev], analysis_requirements -> .[analysis])
+extras = {k[:-len("_requirements")]: v.split() for k, v in cfg.items()
+          if k.endswith("_requirements") and k not in ("requirements", "pip_requirements", "conda_requirements")}
 
 
 # ---------------------------------------------------------------- the extension
@@ -127,7 +130,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["lrp_scratch", "lrp_scratch.*"]),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={"dev": dev_requirements},
+    extras_require=extras,
     python_requires=">=" + min_python,
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",

@@ -30,7 +30,8 @@ __all__ = ['USER_ERRORS', 'fraction', 'positive', 'valid_ratio', 'MODELS', 'COMP
            'build_model', 'model_from_checkpoint', 'load_image', 'make_composite', 'explain_batches',
            'torchvision_classifiers', 'torchvision_name', 'torchvision_preprocessing', 'load_imagenet_image',
            'load_state_dict_file', 'torchvision_model', 'imagenet_composite', 'top_classes', 'cmd_train', 'cmd_test',
-           'cmd_explain', 'cmd_explain_torchvision', 'cmd_demo', 'make_parser', 'main']
+           'cmd_explain', 'cmd_explain_torchvision', 'cmd_demo', 'dataset_target_arg', 'cmd_explain_dataset',
+           'make_parser', 'main']
 
 # %% ../nbs/14_cli.ipynb #48d81e86
 class CLIError(Exception):
@@ -560,6 +561,61 @@ def cmd_demo(args) -> int:
     for f, what in files: print(f"  {f:<21} {what}")
     return 0
 
+# %% ../nbs/14_cli.ipynb #62d47678
+def dataset_target_arg(s: str) -> str|int:
+    "argparse type: 'pred', 'label' or a class index."
+    if s.lower() in ('pred', 'label'): return s.lower()
+    try: v = int(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected 'pred', 'label' or a class number, got {s!r}") from None
+    if v < 0: raise argparse.ArgumentTypeError(f"a class number is >= 0, got {v}")
+    return v
+
+def cmd_explain_dataset(args) -> int:
+    "lrp-scratch explain-dataset: a checkpoint and a split -> a relevance store (chunks + manifest) in --out, optionally an HDF5 file."
+    from lrp_scratch.distributed import is_main, local_device  # (imported when used: the other commands do without them)
+    from lrp_scratch.relevance_store import StoreError, explain_dataset
+    device = local_device(_device(args.device))
+    model = model_from_checkpoint(args.checkpoint, device)
+    out = _out_dir(args.out)
+    if args.hdf5 is not None and Path(args.hdf5).suffix.lower() not in ('.h5', '.hdf5'): raise CLIError(f"--hdf5 {args.hdf5} must name a .h5 file")
+    data = load_datasets(args.dataset, args.root, getattr(args, 'n_train', 6000), args.n_test, args.seed, not args.no_download,
+                         args.mnist_test_only, only_test=args.split == 'test')
+    ds = data if args.split == 'test' else data[0]
+    resumed, t0 = (out/'manifest.json').exists(), time.perf_counter()
+    try:
+        store = explain_dataset(model, ds, out, composite=make_composite(args.composite), target=args.target, batch_size=args.batch_size,
+                                top_k=args.top_k, reduce='none' if args.full_maps else 'sum', chunk_size=args.chunk_size,
+                                progress='text' if args.progress else False)
+    except StoreError as e: raise CLIError(str(e)) from None
+    dt = time.perf_counter() - t0
+    if not is_main(): return 0
+    size = sum(p.stat().st_size for p in out.rglob('*') if p.is_file())
+    print(f"explained {len(store):,} {args.dataset} {args.split} images ({args.composite}, target {args.target}) in {dt:.1f} s "
+          f"({len(store) / dt:.0f} images/s{', part of them done by an earlier run' if resumed else ''}); store: {_rel(out)} ({len(store.chunks)} chunks, {size / 1e6:.1f} MB)")
+    if args.hdf5 is not None: print(f"  ViRelAy attribution file: {_rel(store.to_hdf5(args.hdf5))}")
+    return 0
+
+def _explain_dataset_parser(sub):
+    p = sub.add_parser('explain-dataset', help='explain every image of a split with LRP into a relevance store (resumable, torchrun)',
+                       description='Explain every image of the test (or training) split with LRP and write a relevance store into --out: '
+                                   'per image the relevance map (summed over channels unless --full-maps), the model output, prediction, '
+                                   'score and label, in .npy chunks with a manifest.json. Run the same command again to resume an '
+                                   'interrupted run; under torchrun --nproc-per-node=N the ranks split the chunks.')
+    p.add_argument('checkpoint', help='a checkpoint.pt written by lrp-scratch train or demo')
+    p.add_argument('--out', required=True, metavar='DIR', help='the store folder (created; an existing store is resumed)')
+    p.add_argument('--split', type=choice(('test', 'train'), 'split'), default='test', metavar='{test,train}', help='which images (default: %(default)s)')
+    g = p.add_argument_group('LRP')
+    g.add_argument('--composite', type=choice(COMPOSITES, 'composite'), default='EpsilonPlusFlat', metavar='NAME',
+                   help=f"the rules: {', '.join(COMPOSITES)} (default: %(default)s)")
+    g.add_argument('--top-k', type=fraction, default=0.0, metavar='F', help='relevance filter: fraction of values kept at each layer, 0 = off')
+    g.add_argument('--target', type=dataset_target_arg, default='pred', metavar='{pred,label,CLASS}',
+                   help="what is explained: 'pred' (the predicted class), 'label' (the true class) or a class number (default: pred)")
+    g.add_argument('--batch-size', type=positive_int, default=64, metavar='N', help='images per LRP call (default: %(default)s)')
+    g.add_argument('--chunk-size', type=positive_int, default=1024, metavar='N', help='images per chunk file, the unit of resuming and sharding (default: %(default)s)')
+    g.add_argument('--full-maps', action='store_true', help='keep the relevance of every input channel (default: summed over channels)')
+    p.add_argument('--hdf5', metavar='FILE.h5', help='also write the store as a ViRelAy attribution file (needs h5py)')
+    _data_args(p); _common_args(p); p.set_defaults(func=cmd_explain_dataset)
+
 # %% ../nbs/14_cli.ipynb #79dd672c
 def _data_args(p, train: bool = True, n_train: int = 6000):
     g = p.add_argument_group('data')
@@ -648,6 +704,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help='--image: invert the grey levels: auto (when the background is light), yes, no (default: %(default)s)')
     p.add_argument('--out', default=None, metavar='FILE.png', help="the PNG to write (default: explain_<name>.png in the checkpoint's folder)")
     _torchvision_args(p); _lrp_args(p); _data_args(p, train=False); _common_args(p); p.set_defaults(func=cmd_explain)
+    _explain_dataset_parser(sub)
     return parser
 
 # %% ../nbs/14_cli.ipynb #d1b25c5d

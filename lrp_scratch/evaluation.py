@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .lrp import LRPModel, Composite, LayerRelevance
+from .lrp import LRPModel, Composite, LayerRelevance, get_composite
 from .data_augmentations import gaussian_blur
 
 # %% auto #0
@@ -74,11 +74,11 @@ def random_relevance(model: nn.Module, x: torch.Tensor, target=None,
 # %% ../nbs/13_evaluation.ipynb #049baf19
 class LRPExplainer:
     "LRP as an explainer `f(model, x, target) -> (relevance, output)`, like `gradient`: a composite and a relevance filter."
-    def __init__(self, composite: Composite|None = None, # default: `classic()`, as `LRPModel`
+    def __init__(self, composite: Composite|str|None = None, # or a preset's name; default: `classic()`, as `LRPModel`
                  top_k: float = 0.0, # relevance filter: fraction of values kept per layer (0: off)
                  renormalize: bool = False, # rescale what the filter keeps (see `LRPModel`)
                 ):
-        self.composite, self.top_k, self.renormalize = composite, top_k, renormalize
+        self.composite, self.top_k, self.renormalize = None if composite is None else get_composite(composite), top_k, renormalize
         LRPModel(nn.Identity(), top_k=top_k, composite=composite)  # check the arguments now, not at the first call
     def __call__(self, model: nn.Module, x: torch.Tensor, target=None):
         if target is None: target = 'pred'  # a class, as the other explainers (LRP's own None is the softmax seed)

@@ -21,7 +21,7 @@ __all__ = ['CONV_TYPES', 'ACTIVATION_TYPES', 'AVGPOOL_TYPES', 'MAXPOOL_TYPES', '
            'AlphaBeta', 'Alpha1Beta0', 'Alpha2Beta1', 'Gamma', 'ZBox', 'Flat', 'WSquare', 'Pass', 'SignalTakesAll',
            'Norm', 'MaxPoolAsAvg', 'Composite', 'EpsilonPlus', 'EpsilonPlusFlat', 'EpsilonGammaBox',
            'EpsilonAlpha2Beta1', 'EpsilonAlpha2Beta1Flat', 'Uniform', 'OnesInput', 'classic', 'get_composite',
-           'MergeBatchNorm', 'LayerRelevance', 'LRPModel', 'explain', 'forward']
+           'MergeBatchNorm', 'LayerRelevance', 'LRPModel', 'rules_applied', 'explain', 'forward']
 
 # %% ../nbs/08_lrp.ipynb #8b902fff
 def _check_top_k(top_k):
@@ -525,9 +525,9 @@ class LayerRelevance(NamedTuple):
 
 class _Node:
     "One module (or op) with its rule during one LRP call."
-    def __init__(self, name, module, rule, params, fn, top_k, renormalize, record):
+    def __init__(self, name, module, rule, params, fn, top_k, renormalize, record, masks=None):
         self.name, self.module, self.rule, self.params = name, module, rule, params
-        self.top_k, self.renormalize, self.record = top_k, renormalize, record
+        self.top_k, self.renormalize, self.record, self.masks = top_k, renormalize, record, masks
         self.original_forward = type(module).forward.__get__(module)  # the class's forward, not our override
         self.linear = fn is not None
         self.fn = fn if fn is not None else (lambda x, w=None, b=None: self.original_forward(x))
@@ -552,6 +552,8 @@ class _Node:
         return LRPContext(self.module, xs[i], y, self.params, fn, graph, k)
 
     def relevance(self, xs, y, r, graph, shapes):
+        mask = self.masks.get(self.name) if self.masks else None
+        if mask is not None: r = r * mask  # a condition on this layer's output (concept relevance propagation)
         k = None if isinstance(self.rule, Pass) else _filter_count(r, self.top_k)
         if k is not None and (self.record is not None or self.renormalize or not self.rule.fuses_filter or len(xs) > 1):
             r, k = relevance_filter(r, self.top_k, self.renormalize), None  # filter now (the rule cannot fuse it)
@@ -601,8 +603,9 @@ def _rule_forward(node: _Node) -> Callable:
     def forward(*args, **kwargs):
         ok = args and not kwargs and all(isinstance(a, torch.Tensor) for a in args)
         if not ok or (len(args) != 1 and not isinstance(node.module, Op)):
-            raise TypeError(f"LRP: `{node.name}` ({type(node.module).__name__}) was called with {len(args)} positional and "
-                            f"{len(kwargs)} keyword arguments; rules handle modules with one tensor input")
+            kinds = ', '.join(type(a).__name__ for a in args)
+            raise TypeError(f"LRP: `{node.name}` ({type(node.module).__name__}) was called with {len(args)} positional ({kinds}) "
+                            f"and {len(kwargs)} keyword arguments; rules handle modules with one tensor input (ops: tensors only)")
         return _RuleFunction.apply(node, *args)
     return forward
 
@@ -740,15 +743,14 @@ def _graph(self: LRPModel, comp: Composite) -> LRPGraph:
         while len(self._graphs) > 8: self._graphs.pop(next(iter(self._graphs)))
     return g
 
-def explain(self: LRPModel,
-            x: torch.Tensor, # input batch (N, C, H, W) (any shape the model takes, with a batch dimension)
-            target=None, # None: softmax seed; 'pred'; an int; or a LongTensor (N,) of classes
-            composite: Composite|str|None = None, # rules for this call, or a preset's name (default: the model's composite)
-            return_layers: bool = False, # also return {module name: LayerRelevance} for every module and op with a rule
-            top_k: float|None = None, # relevance filter for this call (default: the model's top_k)
-           ):
-    "Relevance of `x` (same shape and device) and the model output; plus per-layer relevance when asked."
-    self._check_input(x)
+@contextmanager
+def rules_applied(self: LRPModel,
+                  composite: Composite|str|None = None, # rules (default: the model's composite)
+                  top_k: float|None = None, # relevance filter (default: the model's top_k)
+                  record: dict|None = None, # filled with {name: LayerRelevance} during the backward pass
+                  masks: dict|None = None, # {name: tensor}: multiplies the relevance at that module's output (conditions)
+                 ):
+    "The model with its rules in place, for one forward and its backward: yields (forward, {name: module with a rule})."
     comp = self.composite if composite is None else get_composite(composite)
     top_k = self.top_k if top_k is None else _check_top_k(top_k)
     graph = self._graph(comp)
@@ -757,19 +759,42 @@ def explain(self: LRPModel,
     else:  # not traceable: the module walk, with every op between modules watched
         merged = {lin: bn for c in comp.canonizers if isinstance(c, MergeBatchNorm) for lin, bn in c.pairs(self.model)}
         run = self.model
-    record = {} if return_layers else None
+    def forward(x):
+        with _FunctionAudit(self.model) if graph.module is None else nullcontext() as audit:  # the forward only
+            out = run(x)
+        if audit is not None and isinstance(out, torch.Tensor): audit.check(out)
+        return out
     with ExitStack() as stack:
         stack.enter_context(_eval_and_out_of_place(self.model))
         for bn in merged.values(): _override_forward(stack, bn, lambda x: x)  # merged into the previous layer: the identity
         for name, (m, rule) in plan.items():
             if isinstance(m, LINEAR_TYPES): params, fn = self._params(m, rule, merged.get(m)), _linear_fn(m)
             else: params, fn = {}, None
-            _override_forward(stack, m, _rule_forward(_Node(name, m, rule, params, fn, top_k, self.renormalize, record)))
+            node = _Node(name, m, rule, params, fn, top_k, self.renormalize, record, masks)
+            _override_forward(stack, m, _rule_forward(node))
+        yield forward, {name: m for name, (m, _) in plan.items()}
+
+def explain(self: LRPModel,
+            x: torch.Tensor, # input batch (N, C, H, W) (any shape the model takes, with a batch dimension)
+            target=None, # None: softmax seed; 'pred'; an int; or a LongTensor (N,) of classes
+            composite: Composite|str|None = None, # rules for this call, or a preset's name (default: the model's composite)
+            return_layers: bool = False, # also return {module name: LayerRelevance} for every module and op with a rule
+            top_k: float|None = None, # relevance filter for this call (default: the model's top_k)
+            conditions=None, # concept conditions {layer: channels} or a list of K: returns (K, N, ...) (see Concept relevance)
+            exclusive: bool = True, # with conditions: drop relevance that bypasses a conditioned layer
+           ):
+    "Relevance of `x` (same shape and device) and the model output; plus per-layer relevance when asked."
+    if conditions is not None:
+        if return_layers: raise ValueError("return_layers is not available with conditions")
+        from lrp_scratch.crp import conditional_relevance
+        lm = self if top_k is None else LRPModel(self.model, top_k, self.composite, self.renormalize, self.cache_params)
+        return conditional_relevance(lm, x, target, conditions, exclusive, composite=composite)
+    self._check_input(x)
+    record = {} if return_layers else None
+    with self.rules_applied(composite, top_k, record) as (run, _):
         xg = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            with _FunctionAudit(self.model) if graph.module is None else nullcontext() as audit:  # the forward only
-                out = run(xg)
-            if audit is not None and isinstance(out, torch.Tensor): audit.check(out)
+            out = run(xg)
             if not isinstance(out, torch.Tensor): raise TypeError(f"the model returned {type(out).__name__}; LRP needs a tensor output")
             seed = _seed(out, target)
             if not out.requires_grad:
@@ -785,4 +810,4 @@ def forward(self: LRPModel, x: torch.Tensor) -> torch.Tensor:
     r = r.sum(1).detach().cpu()
     return r[0] if r.shape[0] == 1 else r
 
-LRPModel._check_input, LRPModel._graph, LRPModel.explain, LRPModel.forward = _check_input, _graph, explain, forward
+LRPModel._check_input, LRPModel._graph, LRPModel.rules_applied, LRPModel.explain, LRPModel.forward = _check_input, _graph, rules_applied, explain, forward

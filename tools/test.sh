@@ -44,7 +44,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)}
 echo "LRP_SCRATCH_BUILD=$LRP_SCRATCH_BUILD TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
 B0=$(date +%s)
-python -m pip install -q -e ".[dev]" --no-build-isolation || die "pip install -e .[dev] failed (see above)"
+python -m pip install -q -e ".[dev,analysis]" --no-build-isolation || die "pip install -e .[dev,analysis] failed (see above)"
 echo "build and install took $(( $(date +%s) - B0 )) s"
 python -c 'from lrp_scratch.kernels import build_info; print(build_info())' || die "lrp_scratch does not import"
 python -c "
