@@ -26,12 +26,12 @@ from .visualization import plot_relevance_scores, relevance_grid
 
 # %% auto #0
 __all__ = ['USER_ERRORS', 'fraction', 'positive', 'valid_ratio', 'MODELS', 'COMPOSITES', 'IMAGENET_MEAN', 'IMAGENET_STD',
-           'CLIError', 'one_line', 'positive_int', 'non_negative_int', 'choice', 'target_arg', 'load_datasets',
-           'build_model', 'model_from_checkpoint', 'load_image', 'make_composite', 'explain_batches',
+           'cmd_train_launch', 'CLIError', 'one_line', 'positive_int', 'non_negative_int', 'choice', 'target_arg',
+           'load_datasets', 'build_model', 'model_from_checkpoint', 'load_image', 'make_composite', 'explain_batches',
            'torchvision_classifiers', 'torchvision_name', 'torchvision_preprocessing', 'load_imagenet_image',
            'load_state_dict_file', 'torchvision_model', 'imagenet_composite', 'top_classes', 'cmd_train', 'cmd_test',
            'cmd_explain', 'cmd_explain_torchvision', 'cmd_demo', 'dataset_target_arg', 'cmd_explain_dataset',
-           'make_parser', 'main']
+           'make_parser', 'launch_command', 'launched', 'main']
 
 # %% ../nbs/14_cli.ipynb #48d81e86
 class CLIError(Exception):
@@ -137,8 +137,8 @@ def _logging(log_file: Path|None, verbose: bool = True):
         log.setLevel(level)
 
 def _save_fig(fig, path: Path) -> Path:
-    "Save a matplotlib figure as a PNG and close it."
-    fig.savefig(path, dpi=100)
+    "Save a matplotlib figure as a PNG and close it (in a torchrun job: rank 0 saves)."
+    if is_main(): fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -600,7 +600,7 @@ def _explain_dataset_parser(sub):
                        description='Explain every image of the test (or training) split with LRP and write a relevance store into --out: '
                                    'per image the relevance map (summed over channels unless --full-maps), the model output, prediction, '
                                    'score and label, in .npy chunks with a manifest.json. Run the same command again to resume an '
-                                   'interrupted run; under torchrun --nproc-per-node=N the ranks split the chunks.')
+                                   'interrupted run; with --nproc N (or under torchrun --nproc-per-node=N) the ranks split the chunks.')
     p.add_argument('checkpoint', help='a checkpoint.pt written by lrp-scratch train or demo')
     p.add_argument('--out', required=True, metavar='DIR', help='the store folder (created; an existing store is resumed)')
     p.add_argument('--split', type=choice(('test', 'train'), 'split'), default='test', metavar='{test,train}', help='which images (default: %(default)s)')
@@ -614,7 +614,7 @@ def _explain_dataset_parser(sub):
     g.add_argument('--chunk-size', type=positive_int, default=1024, metavar='N', help='images per chunk file, the unit of resuming and sharding (default: %(default)s)')
     g.add_argument('--full-maps', action='store_true', help='keep the relevance of every input channel (default: summed over channels)')
     p.add_argument('--hdf5', metavar='FILE.h5', help='also write the store as a ViRelAy attribution file (needs h5py)')
-    _data_args(p); _common_args(p); p.set_defaults(func=cmd_explain_dataset)
+    _data_args(p); _common_args(p); _launch_args(p); p.set_defaults(func=launched(cmd_explain_dataset))  # launched: see below
 
 # %% ../nbs/14_cli.ipynb #79dd672c
 def _data_args(p, train: bool = True, n_train: int = 6000):
@@ -680,7 +680,7 @@ def make_parser() -> argparse.ArgumentParser:
                        description='Train a VGG or a ResNet (--model) on the digits or MNIST; writes checkpoint.pt (with its history as CSV and JSONL), '
                                    'history.png and log.txt into --out. With --resume, continue a saved run.')
     p.add_argument('--out', default='runs/train', metavar='DIR', help='output folder (created; default: %(default)s)')
-    _data_args(p, n_train=60000); _train_args(p, epochs=5, width=1.0); _common_args(p); p.set_defaults(func=cmd_train)
+    _data_args(p, n_train=60000); _train_args(p, epochs=5, width=1.0); _common_args(p); _launch_args(p); p.set_defaults(func=cmd_train_launch)
 
     p = sub.add_parser('test', help='test a checkpoint: report, test_report.json, confusion_matrix.png',
                        description='Test a checkpoint of `train` or `demo` on the test images; prints the report and writes '
@@ -707,6 +707,62 @@ def make_parser() -> argparse.ArgumentParser:
     _explain_dataset_parser(sub)
     return parser
 
+# %% ../nbs/14_cli.ipynb #4ee7a550
+import io
+from .distributed import DistributedSetupError, dist_env, is_main
+
+# %% ../nbs/14_cli.ipynb #c5d3fdb2
+USER_ERRORS = USER_ERRORS + (DistributedSetupError,)  # a broken torchrun environment: one line, what to set
+
+_LAUNCH_OPTS = {'--nproc': '--nproc-per-node', '--nnodes': '--nnodes', '--node-rank': '--node-rank', '--rdzv-endpoint': '--rdzv-endpoint',
+                '--rdzv-id': '--rdzv-id', '--max-restarts': '--max-restarts'}
+
+def _launch_args(p):
+    g = p.add_argument_group('many processes (torchrun)')
+    g.add_argument('--nproc', type=positive_int, default=None, metavar='N', help='run with N processes on this machine (runs torchrun for you)')
+    g.add_argument('--nnodes', default=None, metavar='M', help='with --nproc: machines in the job, e.g. 2 or 1:4 (default: 1)')
+    g.add_argument('--node-rank', type=non_negative_int, default=None, metavar='K', help='with --nproc and a static --nnodes: this machine\'s number')
+    g.add_argument('--rdzv-endpoint', default=None, metavar='HOST:PORT', help='with --nproc: where the machines meet (c10d rendezvous on one of them)')
+    g.add_argument('--rdzv-id', default=None, metavar='ID', help='with --nproc: the job id shared by all machines')
+    g.add_argument('--max-restarts', type=non_negative_int, default=None, metavar='R', help='with --nproc: restart the workers up to R times after a failure')
+
+def launch_command(args) -> tuple[list[str], list[str]]:
+    "torchrun's arguments and the workers' `lrp-scratch` arguments for `train/explain-dataset --nproc` (the launcher options moved from one to the other)."
+    worker, launcher, it = [], [], iter(args.argv)
+    for a in it:
+        name, eq, val = a.partition('=')
+        if name in _LAUNCH_OPTS: launcher += [_LAUNCH_OPTS[name], val if eq else next(it)]
+        else: worker.append(a)
+    if args.nnodes in (None, '1', '1:1') and args.rdzv_endpoint is None: launcher.append('--standalone')  # one machine: a local rendezvous
+    elif args.rdzv_endpoint is not None: launcher += ['--rdzv-backend', 'c10d']
+    return launcher + ['-m', 'lrp_scratch'], worker
+
+def launched(cmd: Callable) -> Callable:
+    "`cmd(args)` in this process (also as one rank of a torchrun job), or with --nproc as a torchrun job of N processes running it."
+    def run(args) -> int:
+        if args.nproc is None:
+            if any(getattr(args, k) is not None for k in ('nnodes', 'node_rank', 'rdzv_endpoint', 'rdzv_id', 'max_restarts')):
+                raise CLIError("--nnodes, --node-rank, --rdzv-endpoint, --rdzv-id and --max-restarts go with --nproc N (the processes per machine)")
+            env = dist_env()
+            if env.world_size > 1 and env.rank != 0:  # one rank of a torchrun job: rank 0 prints the summary
+                with contextlib.redirect_stdout(io.StringIO()): return cmd(args)
+            return cmd(args)
+        if dist_env().launched: raise CLIError("--nproc starts a torchrun job, but this process already runs in one (WORLD_SIZE is set): drop --nproc")
+        from torch.distributed import run as torchrun
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        launcher, worker = launch_command(args)
+        try: torchrun.main(launcher + worker)
+        except ChildFailedError as e:
+            failed = ', '.join(f"rank {r}: exit status {f.exitcode}" for r, f in sorted(e.failures.items()))
+            raise CLIError(f"the {args.command} job failed ({failed}); the messages of the failing rank are above. Run the same command "
+                           f"again to continue where it stopped (in {args.out})") from None
+        return 0
+    run.__name__ = run.__qualname__ = f"{cmd.__name__}_launch"
+    return run
+
+cmd_train_launch = launched(cmd_train)  # lrp-scratch train
+
+
 # %% ../nbs/14_cli.ipynb #d1b25c5d
 def main(argv: Sequence[str]|None = None, # the arguments (default: sys.argv[1:])
         ) -> int:
@@ -714,6 +770,7 @@ def main(argv: Sequence[str]|None = None, # the arguments (default: sys.argv[1:]
     parser = make_parser()
     try: args = parser.parse_args(argv)
     except SystemExit as e: return e.code if isinstance(e.code, int) else 1  # --help, --version (0) and argument errors (2)
+    args.argv = list(map(str, sys.argv[1:] if argv is None else argv))  # train --nproc relaunches the command
     try: return args.func(args)
     except USER_ERRORS as e:
         if args.debug: raise

@@ -241,6 +241,9 @@ class TensorLoader:
                  augment: Callable|None = None, # batch augmentation (x in [0, 1], generator=...), before the transform
                  device: str|torch.device|None = None, # move batches there before the transform
                  pin_memory: bool = False, # pin batches in host memory (for asynchronous copies to a GPU)
+                 rank: int = 0, # distributed: this process's share of `world_size` (see `set_epoch` and `shard`)
+                 world_size: int = 1, # distributed: the number of ranks sharing the items
+                 shard: str = 'pad', # 'pad': strided shares of one shuffle, padded to equal length (training); 'contiguous': unpadded ranges (evaluation)
                 ):
         transform = dataset.transform
         if transform is not None and not getattr(transform, 'batchable', False):
@@ -249,15 +252,45 @@ class TensorLoader:
         self.indices = torch.arange(len(dataset)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
         self.augment, self.pin_memory = augment, pin_memory
         self.device = None if device is None else torch.device(device)
+        if shard not in ('pad', 'contiguous'): raise ValueError(f"TensorLoader: shard must be 'pad' or 'contiguous', got {shard!r}")
+        if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral) or world_size < 1:
+            raise ValueError(f"TensorLoader: world_size must be an int >= 1, got {world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 0 <= rank < world_size:
+            raise ValueError(f"TensorLoader: rank must be an int in [0, {world_size}), got {rank!r}")
+        self.seed, self.rank, self.world_size, self.shard, self.epoch = seed, int(rank), int(world_size), shard, None
         self._order_gen = torch.Generator().manual_seed(seed)
-        self._aug_gen = torch.Generator(device=self.device or 'cpu').manual_seed(seed + 1) if augment is not None else None
+        self._aug_gen = (torch.Generator(device=self.device or 'cpu').manual_seed(seed + 1 + 1_000_003 * self.rank)  # ranks augment differently
+                         if augment is not None else None)
+
+    def set_epoch(self, epoch: int): # 0, 1, ... (the Trainer calls it before each epoch)
+        "From now on the order of an epoch is a function of `(seed, epoch)` alone, the same on every rank (as `DistributedSampler.set_epoch`)."
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0: raise ValueError(f"set_epoch: epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = int(epoch)
+
+    def _n_items(self) -> int:
+        "The items this rank serves per epoch."
+        n, w = len(self.indices), self.world_size
+        if w == 1: return n
+        return math.ceil(n / w) if self.shard == 'pad' else (self.rank + 1) * n // w - self.rank * n // w
+
+    def order(self) -> torch.Tensor:
+        "The dataset indices this rank serves in the coming epoch (one shared permutation; then this rank's share of it)."
+        n, w = len(self.indices), self.world_size
+        if not self.shuffle: idx = self.indices
+        elif self.epoch is None: idx = self.indices[torch.randperm(n, generator=self._order_gen)]
+        else: idx = self.indices[torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))]
+        if w == 1: return idx
+        if self.shard == 'contiguous': return idx[self.rank * n // w:(self.rank + 1) * n // w]
+        total = math.ceil(n / w) * w
+        if total > n: idx = torch.cat([idx, idx.repeat(math.ceil((total - n) / n))[:total - n]])  # as DistributedSampler: repeat from the start
+        return idx[self.rank:total:w]
 
     def __len__(self) -> int:
-        n = len(self.indices)
+        n = self._n_items()
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self):
-        idx = self.indices[torch.randperm(len(self.indices), generator=self._order_gen)] if self.shuffle else self.indices
+        idx = self.order()
         data, targets, transform = self.dataset.data, self.dataset.targets, self.dataset.transform
         for s in range(0, len(self) * self.batch_size, self.batch_size):
             b = idx[s:s + self.batch_size]
@@ -271,6 +304,7 @@ class TensorLoader:
     def __repr__(self):
         parts = [f"{len(self.indices)} of {len(self.dataset)} {' '.join(s for s in (self.dataset.name, self.dataset.split) if s) or 'images'}",
                  f"batch_size={self.batch_size}", f"{len(self)} batches", f"shuffle={self.shuffle}"]
+        if self.world_size > 1: parts.append(f"rank {self.rank} of {self.world_size} ({self.shard})")
         if self.augment is not None: parts.append(f"augment={self.augment!r}")
         if self.device is not None: parts.append(f"device={self.device}")
         return f"TensorLoader({', '.join(parts)})"

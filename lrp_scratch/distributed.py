@@ -4,14 +4,20 @@
 
 # %% ../nbs/09a_distributed.ipynb #4691d5ff
 from __future__ import annotations
-import datetime, logging, os
-from typing import NamedTuple
+import copy, datetime, logging, math, os, warnings
+from typing import Iterable, NamedTuple
 import torch
 import torch.distributed as dist
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 # %% auto #0
 __all__ = ['DistributedSetupError', 'DistEnv', 'dist_env', 'local_device', 'is_initialized', 'init_distributed',
-           'shutdown_distributed', 'get_rank', 'get_world_size', 'is_main', 'barrier', 'shard_range']
+           'shutdown_distributed', 'get_rank', 'get_world_size', 'is_main', 'barrier', 'shard_range', 'all_reduce_sum',
+           'all_gather_object', 'broadcast_object', 'rank_prefix', 'RankFilter', 'rank_zero_logging',
+           'distributed_loader', 'is_sharded', 'set_loader_epoch']
+
+# %% ../nbs/09a_distributed.ipynb #17181e22
+from .data_loaders import TensorLoader, _AugmentedLoader
 
 # %% ../nbs/09a_distributed.ipynb #ea2d0adc
 class DistributedSetupError(RuntimeError):
@@ -140,3 +146,129 @@ def shard_range(n: int, # the number of items
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
         raise ValueError(f"shard_range: rank must be an int in [0, {world}), got {rank!r}")
     return range(rank * n // world, (rank + 1) * n // world)
+
+# %% ../nbs/09a_distributed.ipynb #2bb3f430
+def _comm_device() -> torch.device:
+    return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
+
+def all_reduce_sum(x: torch.Tensor|Iterable[float], # a tensor, or numbers (reduced as float64)
+                  ) -> torch.Tensor:
+    "The sum over all ranks of `x` (a new tensor on `x`'s device; floating point is summed in float64); `x` itself (copied) without a job."
+    t = torch.as_tensor(x if isinstance(x, torch.Tensor) else list(x), dtype=None if isinstance(x, torch.Tensor) else torch.float64)
+    if t.is_floating_point(): t = t.double()
+    t = t.clone()
+    if not is_initialized() or dist.get_world_size() == 1: return t
+    dev = t.device
+    t = t.to(_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.to(dev)
+
+def all_gather_object(obj) -> list:
+    "Every rank's `obj`, in rank order (on every rank); `[obj]` without a job."
+    if not is_initialized(): return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+def broadcast_object(obj, src: int = 0):
+    "Rank `src`'s `obj` on every rank (`obj` itself without a job)."
+    if not is_initialized(): return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+# %% ../nbs/09a_distributed.ipynb #30877b28
+def rank_prefix() -> str:
+    "`'[rank r/W] '` inside a job of several processes, else `''` (for messages that must say which rank speaks)."
+    w = get_world_size()
+    return f"[rank {get_rank()}/{w}] " if w > 1 else ''
+
+class RankFilter(logging.Filter):
+    "Rank 0 logs everything; other ranks only WARNING and above; inside a job of several processes those records name the rank."
+    def filter(self, record: logging.LogRecord) -> bool:
+        try: w, r = get_world_size(), get_rank()
+        except DistributedSetupError: return True
+        if w == 1: return True
+        if record.levelno < logging.WARNING and r != 0: return False
+        if record.levelno >= logging.WARNING and not getattr(record, '_rank_prefixed', False):
+            record.msg, record._rank_prefixed = f"[rank {r}/{w}] {record.msg}", True
+        return True
+
+def rank_zero_logging(*loggers: logging.Logger|str) -> list[logging.Logger]:
+    "Add a `RankFilter` to each logger (by object or name; idempotent); returns the loggers."
+    out = []
+    for lg in loggers:
+        lg = logging.getLogger(lg) if isinstance(lg, str) else lg
+        if not any(isinstance(f, RankFilter) for f in lg.filters): lg.addFilter(RankFilter())
+        out.append(lg)
+    return out
+
+# %% ../nbs/09a_distributed.ipynb #c32ec505
+def _rebuilt_dataloader(dl: DataLoader, sampler) -> DataLoader:
+    "`dl` with another sampler, every other setting kept."
+    kw = dict(batch_size=dl.batch_size, num_workers=dl.num_workers, collate_fn=dl.collate_fn, pin_memory=dl.pin_memory,
+              drop_last=dl.drop_last, timeout=dl.timeout, worker_init_fn=dl.worker_init_fn, generator=dl.generator,
+              multiprocessing_context=dl.multiprocessing_context, persistent_workers=dl.persistent_workers,
+              pin_memory_device=getattr(dl, 'pin_memory_device', ''))
+    if dl.num_workers > 0: kw['prefetch_factor'] = dl.prefetch_factor
+    return DataLoader(dl.dataset, sampler=sampler, **kw)
+
+def distributed_loader(dl, # a loader built for one process: ours, torch's DataLoader, or another iterable
+                       train: bool, # True: strided shares of one shuffle, padded to equal length; False: contiguous unpadded shares
+                       rank: int|None = None, # None: this process's rank
+                       world_size: int|None = None, # None: the job's world size
+                      ):
+    "This rank's share of `dl`: the loader to iterate in a job of `world_size` processes (`dl` itself in one process)."
+    w = get_world_size() if world_size is None else world_size
+    r = get_rank() if rank is None else rank
+    if w == 1 or dl is None: return dl
+    if isinstance(dl, TensorLoader):
+        if dl.world_size > 1: return dl
+        out = copy.copy(dl)
+        out.rank, out.world_size, out.shard = r, w, 'pad' if train else 'contiguous'
+        out._order_gen = torch.Generator().manual_seed(dl.seed)
+        if dl.augment is not None: out._aug_gen = torch.Generator(device=dl.device or 'cpu').manual_seed(dl.seed + 1 + 1_000_003 * r)
+        return out
+    if isinstance(dl, _AugmentedLoader):
+        out = copy.copy(dl)
+        out.dl = distributed_loader(dl.dl, train, r, w)
+        out._gen = torch.Generator().manual_seed(dl._gen.initial_seed() + 1_000_003 * r)
+        return out
+    if isinstance(dl, DataLoader):
+        if isinstance(dl.sampler, DistributedSampler): return dl
+        plain = (type(dl.batch_sampler) is BatchSampler and type(dl.sampler) in (RandomSampler, SequentialSampler)
+                 and hasattr(dl.dataset, '__len__'))
+        if plain:
+            n = len(dl.dataset)
+            if train:
+                seed = dl.generator.initial_seed() if dl.generator is not None else 0
+                sampler = DistributedSampler(dl.dataset, num_replicas=w, rank=r, shuffle=isinstance(dl.sampler, RandomSampler), seed=seed)
+            else: sampler = shard_range(n, r, w)
+            out = _rebuilt_dataloader(dl, sampler)
+            out._shard = (r, w)
+            return out
+    warnings.warn(f"{rank_prefix()}cannot split a {type(dl).__name__} between the {w} ranks: every rank iterates all of it. Pass a "
+                  "TensorLoader, a torch DataLoader with its default sampler, or one with a DistributedSampler", stacklevel=2)
+    return dl
+
+def is_sharded(dl) -> bool:
+    "Whether `dl` serves one rank's share (a sharded `TensorLoader`, a `DistributedSampler`, a loader `distributed_loader` built)."
+    for _ in range(4):
+        if dl is None: return False
+        if getattr(dl, 'world_size', 1) > 1 or getattr(dl, '_shard', None) is not None or isinstance(getattr(dl, 'sampler', None), DistributedSampler):
+            return True
+        dl = getattr(dl, 'dl', None)
+    return False
+
+_EPOCH_WALK = ('sampler', 'batch_sampler', 'dl', 'loader')
+
+def set_loader_epoch(dl, epoch: int) -> bool:
+    "Call `set_epoch(epoch)` on the loader or what it wraps (its sampler, an inner loader); True if something took it."
+    seen, todo, done = set(), [(dl, 0)], False
+    while todo:
+        obj, d = todo.pop()
+        if obj is None or id(obj) in seen or d > 3: continue
+        seen.add(id(obj))
+        if callable(getattr(obj, 'set_epoch', None)): obj.set_epoch(epoch); done = True; continue
+        todo += [(getattr(obj, k, None), d + 1) for k in _EPOCH_WALK]
+    return done

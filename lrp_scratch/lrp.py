@@ -406,10 +406,16 @@ class Composite:
         graph = self.graph(model)
         self.rules(model, graph)  # raises for what has no rule
         rows = []
+        calls = {}
+        if graph.module is not None:
+            for node in graph.module.graph.nodes:
+                if node.op == 'call_module': calls[graph.names[node.target]] = calls.get(graph.names[node.target], 0) + 1
         for n, m, r, note in self.entries(model, graph):
             what = m.label if isinstance(m, Op) else type(m).__name__
-            rule = note if note.startswith('folded') else ('gradient' if r is None else repr(r))
-            rows.append(f"{n:28} {what:20} {rule}" + (f"  ({note})" if note and not note.startswith('folded') else ''))
+            if calls.get(n, 1) > 1: note = (note + '; ' if note else '') + f"called {calls[n]} times"
+            rule = note.split('; ')[0] if note.startswith('folded') else ('gradient' if r is None else repr(r))
+            extra = note.split('; ', 1)[1] if note.startswith('folded') and '; ' in note else ('' if note.startswith('folded') else note)
+            rows.append(f"{n:28} {what:20} {rule}" + (f"  ({extra})" if extra else ''))
         return '\n'.join(rows)
 
     def __repr__(self): return f"{self.name}(layer_map={self.layer_map}, first_map={self.first_map}, name_map={self.name_map})"
@@ -626,10 +632,18 @@ def _eval_and_out_of_place(model: nn.Module):
 _SAFE_NAMES = GRADIENT_METHODS | SHAPE_METHODS | {'__getitem__', 'cat', 'concat', 'stack', 'flatten', 'reshape', 'dim',
                                                   'size', 'requires_grad', 'is_floating_point', 'dtype', 'device', 'shape'}
 
+# their gradient is the rule's flow too: after x-proportional rules (all but Flat/WSquare, which only first layers get) a
+# ReLU's mask meets zero relevance where it cuts; max pooling's gradient is the default max-pool rule (winner-take-all)
+_RELU_NAMES = {'relu', 'relu_'}
+_MAXPOOL_NAMES = {'max_pool1d', 'max_pool2d', 'max_pool3d', 'adaptive_max_pool1d', 'adaptive_max_pool2d', 'adaptive_max_pool3d',
+                  'max_pool1d_with_indices', 'max_pool2d_with_indices', 'max_pool3d_with_indices',
+                  'adaptive_max_pool1d_with_indices', 'adaptive_max_pool2d_with_indices', 'adaptive_max_pool3d_with_indices'}
+
 class _FunctionAudit(TorchFunctionMode):
     "Without a graph: note every tensor op between modules that is not pure data movement; `check` raises if the output uses one."
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, comp: Composite):
         super().__init__()
+        self.safe = _SAFE_NAMES | _RELU_NAMES | (_MAXPOOL_NAMES if comp.maxpool_rule is None else set())
         self.depth, self.where, self.handles, self.suspects = 0, [''], [], {}
         names = {m: n for n, m in model.named_modules()}
         for m in model.modules():
@@ -645,7 +659,7 @@ class _FunctionAudit(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if self.depth == 0 and isinstance(out, torch.Tensor) and out.grad_fn is not None:
             name = resolve_name(func) or getattr(func, '__name__', repr(func))
-            if name.removesuffix('.__get__').split('.')[-1] not in _SAFE_NAMES and not name.endswith('__get__'):
+            if name.removesuffix('.__get__').split('.')[-1] not in self.safe and not name.endswith('__get__'):
                 self.suspects[out.grad_fn] = (name, self.where[-1])
         return out
     def check(self, out: torch.Tensor):
@@ -760,7 +774,7 @@ def rules_applied(self: LRPModel,
         merged = {lin: bn for c in comp.canonizers if isinstance(c, MergeBatchNorm) for lin, bn in c.pairs(self.model)}
         run = self.model
     def forward(x):
-        with _FunctionAudit(self.model) if graph.module is None else nullcontext() as audit:  # the forward only
+        with _FunctionAudit(self.model, comp) if graph.module is None else nullcontext() as audit:  # the forward only
             out = run(x)
         if audit is not None and isinstance(out, torch.Tensor): audit.check(out)
         return out

@@ -12,6 +12,7 @@ from torch import nn
 from .core import seed_everything
 from .loggers import get_logger
 from .trainers import Trainer, atomic_save, load_checkpoint, loader_generators, _atomic_write_text, _progress_bar
+from .distributed import is_main, rank_zero_logging
 
 # %% auto #0
 __all__ = ['parameter_grid', 'parameter_sampler', 'trial_key', 'SearchResults', 'GridSearch', 'RandomSearch']
@@ -173,7 +174,7 @@ class _Search:
         return done
 
     def _append(self, rec: dict):
-        if self.results_path is None: return
+        if self.results_path is None or not is_main(): return  # under torchrun every rank has the same (reduced) results: rank 0 writes
         self.results_path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()})
         with open(self.results_path, 'a', encoding='utf-8') as f:
@@ -221,14 +222,15 @@ class _Search:
         best = self._best_record()
         todo = [(i, p) for i, p in enumerate(self.trials) if trial_key(p) not in done]
         if self.results_: self.log.info(f"resuming: {len(self.results_)} of {len(self.trials)} trials are already in {self.results_path}")
-        bar = _progress_bar(len(self.trials), type(self).__name__, self.progress, unit='trial') if self.progress else None
+        rank_zero_logging(self.log)
+        bar = _progress_bar(len(self.trials), type(self).__name__, self.progress, unit='trial') if self.progress and is_main() else None
         if bar is not None: bar.update(len(self.results_))
         try:
             for i, params in todo:
                 rec, model = self._run_trial(i, params)
                 if rec['status'] == 'ok' and (best is None or rec['score'] > best['score']):
                     best, self.best_model_ = rec, model
-                    if self.best_path is not None: atomic_save({'trial': i, 'params': rec['params'], 'model': model.state_dict()}, self.best_path)
+                    if self.best_path is not None and is_main(): atomic_save({'trial': i, 'params': rec['params'], 'model': model.state_dict()}, self.best_path)
                 self._append(rec)
                 self.results_.append(rec)
                 self.log.info(f"trial {i}: score {rec['score']:.4f} {rec['params']} ({rec['time']:.1f}s)")

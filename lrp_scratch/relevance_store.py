@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from . import __version__
 from .core import atomic_write
-from .lrp import Composite, EpsilonPlusFlat, LRPModel, _check_top_k
+from .lrp import Composite, EpsilonPlusFlat, LRPModel, _check_top_k, get_composite
 from .data_loaders import InMemoryDataset
 from .distributed import barrier, init_distributed, shard_range
 
@@ -218,7 +218,7 @@ def _remove_stale_tmp(out_dir: Path, r: range):
 def explain_dataset(model: nn.Module, # the classifier (in eval mode for explanation; it is not modified)
                     dataset, # items (image, label): torchvision-like, or an `InMemoryDataset` with a batchable transform
                     out_dir: str|Path, # the store's folder (created); an existing store is resumed
-                    composite: Composite|None = None, # LRP rules; default `EpsilonPlusFlat()`
+                    composite: Composite|str|None = None, # LRP rules, or a preset's name; default `EpsilonPlusFlat()`
                     target: str|int = 'pred', # 'pred' (the predicted class), 'label' (the item's label) or a class
                     batch_size: int = 64, # images per `LRPModel.explain` call
                     top_k: float = 0.0, # the relevance filter of `LRPModel` (0: off)
@@ -232,8 +232,7 @@ def explain_dataset(model: nn.Module, # the classifier (in eval mode for explana
     if not isinstance(model, nn.Module): raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not hasattr(dataset, '__len__') or not hasattr(dataset, '__getitem__'):
         raise TypeError(f"dataset must be a dataset (with __len__ and __getitem__) of (image, label) items, got {type(dataset).__name__}")
-    composite = EpsilonPlusFlat() if composite is None else composite
-    if not isinstance(composite, Composite): raise TypeError(f"composite must be a Composite (e.g. EpsilonPlusFlat()), got {type(composite).__name__}")
+    composite = EpsilonPlusFlat() if composite is None else get_composite(composite)
     target = _check_target(target)
     if reduce not in ('sum', 'none'): raise ValueError(f"reduce must be 'sum' (maps summed over channels) or 'none' (full maps), got {reduce!r}")
     for name, v in (('batch_size', batch_size), ('chunk_size', chunk_size)):

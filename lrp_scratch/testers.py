@@ -11,6 +11,11 @@ from torch import nn
 from .core import get_device
 from .loss_funcs import CrossEntropyLoss
 from .metrics import ClassificationMetrics, ClassificationReport
+from fastcore.basics import patch
+import warnings
+from torch.utils.data import DistributedSampler
+from .distributed import (all_gather_object, all_reduce_sum, dist_env, distributed_loader, get_world_size, init_distributed,
+    is_initialized, is_main, is_sharded, local_device, rank_prefix)
 
 # %% auto #0
 __all__ = ['TestReport', 'Tester']
@@ -95,6 +100,7 @@ class Tester:
                  class_names: Sequence[str]|None = None, # None: the dataset's `classes`, else '0', '1', ...
                  mixed_precision: bool = False, # run the model under autocast (float16 on CUDA, bfloat16 on CPU)
                  verbose: bool = True, # print the report in run()
+                 distributed: bool|str = 'auto', # under torchrun with several processes: each rank tests a contiguous share, the counts are summed
                 ):
         if not isinstance(model, nn.Module): raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not hasattr(test_dataloader, '__iter__'): raise TypeError(f"test_dataloader must be iterable (batches of (x, y)), got {type(test_dataloader).__name__}")
@@ -104,6 +110,7 @@ class Tester:
         self.class_names = list(class_names) if class_names is not None else _dataset_classes(test_dataloader)
         self.mixed_precision, self.verbose = mixed_precision, verbose
         model.to(self.device)
+        self._setup_distributed(distributed)
 
     def _autocast(self):
         if not self.mixed_precision: return contextlib.nullcontext()
@@ -130,12 +137,52 @@ class Tester:
                     loss_sum += self.loss_func(out, yb).item() * yb.shape[0]
                     n += yb.shape[0]
         finally: model.train(training)
+        acc, n, loss_sum = self._reduce(acc, n, loss_sum)
         if acc is None or n == 0: raise ValueError("Tester: the test_dataloader gave no batches")
         names = acc.class_names or [str(i) for i in range(acc.n_classes)]
         report = TestReport(loss_sum / n, acc.confusion_matrix, acc.report(), names)
-        if self.verbose: print(report)
+        if self.verbose and is_main(): print(report)
         return report
 
     def __repr__(self):
         n = len(self.test_dataloader.dataset) if hasattr(getattr(self.test_dataloader, 'dataset', None), '__len__') else '?'
         return f"Tester({getattr(self.model, 'name', type(self.model).__name__)} on {self.device}, {n} test items)"
+
+# %% ../nbs/10_testers.ipynb #f590ab43
+@patch
+def _setup_distributed(self: Tester, distributed: bool|str):
+    "Join a torchrun job when `distributed` says so and take this rank's contiguous share of the test set."
+    if distributed not in ('auto', True, False): raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
+    self.world_size, self._sum_ranks = 1, False
+    if distributed is False: return
+    if not is_initialized():
+        env = dist_env()
+        if distributed is True and not env.launched:
+            raise ValueError("distributed=True, but this process was not started by torchrun (RANK, WORLD_SIZE are not set); "
+                             "use distributed='auto' to test in one process")
+        if env.world_size > 1 or distributed is True: init_distributed(self.device)
+    self.world_size = get_world_size()
+    if self.world_size == 1: return
+    self.device = local_device(self.device)
+    self.model.to(self.device)
+    if isinstance(getattr(self.test_dataloader, 'sampler', None), DistributedSampler):
+        warnings.warn(f"{rank_prefix()}the test loader has a DistributedSampler, which pads the test set with repeated images: the report counts "
+                      "them twice. Pass the plain loader: the Tester splits it into unpadded shares itself", stacklevel=3)
+    self.test_dataloader = distributed_loader(self.test_dataloader, train=False)
+    self._sum_ranks = is_sharded(self.test_dataloader)  # an unsplittable loader: every rank tests all of it, nothing to sum
+
+@patch
+def _reduce(self: Tester, acc: ClassificationMetrics|None, n: int, loss_sum: float):
+    "The metric state summed over the ranks: one all_reduce of (confusion matrix, invalid labels, n, loss sum)."
+    if not self._sum_ranks: return acc, n, loss_sum
+    k = max(all_gather_object(acc.n_classes if acc is not None else 0))  # a rank with an empty share has seen no scores
+    if k == 0: return acc, n, loss_sum
+    if acc is None:
+        names = self.class_names if self.class_names is not None and len(self.class_names) == k else None
+        acc = ClassificationMetrics(k, class_names=names)
+    cm = acc.cm.double().flatten().cpu() if acc.cm is not None else torch.zeros(k * k, dtype=torch.float64)
+    bad = float(acc._n_bad) if acc._n_bad is not None else 0.
+    s = all_reduce_sum(torch.cat([cm, torch.tensor([bad, n, loss_sum], dtype=torch.float64)]))
+    acc.cm, acc._n_bad = s[:k * k].round().long().reshape(k, k), s[k * k].round().long()  # counts < 2**53: exact in float64
+    acc.n = int(s[k * k + 1])
+    return acc, acc.n, float(s[k * k + 2])

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_trainers.ipynb #332f2ce1
 from __future__ import annotations
-import contextlib, json, math, numbers, pickle, random, time, warnings
+import contextlib, json, math, numbers, os, pickle, random, time, warnings
 from pathlib import Path
 from typing import Callable, Iterable
 import numpy as np
@@ -16,6 +16,9 @@ from .core import atomic_write, get_device, seed_everything
 from .loggers import get_logger
 from .loss_funcs import CrossEntropyLoss
 from .optimizers import get_optimizer
+from .distributed import (DistributedSetupError, all_gather_object, all_reduce_sum, barrier,
+    broadcast_object, dist_env, distributed_loader, get_rank, get_world_size, init_distributed, is_initialized, is_main, local_device,
+    rank_zero_logging, set_loader_epoch)
 
 # %% auto #0
 __all__ = ['HISTORY_COLUMNS', 'CHECKPOINT_FORMAT', 'SCHEDULERS', 'MONITORS', 'History', 'CheckpointError', 'atomic_save',
@@ -262,6 +265,9 @@ class Trainer:
                  channels_last: bool = False, # model and images in channels-last memory format
                  progress: bool|str = True, # progress bars (True: widgets in notebooks, text elsewhere; 'text': always text)
                  seed: int|None = None, # seed_everything(seed) at the start of a fresh run
+                 distributed: bool|str = 'auto', # 'auto': data-parallel (DDP) under torchrun with several processes; True: under torchrun; False: never
+                 sync_batchnorm: bool = False, # distributed on CUDA: BatchNorm statistics over all ranks (SyncBatchNorm)
+                 auto_resume: bool|None = None, # continue from checkpoint_path when it exists; None: only in a distributed run
                 ):
         if not isinstance(model, nn.Module): raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not hasattr(train_dataloader, '__iter__'): raise TypeError(f"train_dataloader must be iterable (batches of (x, y)), got {type(train_dataloader).__name__}")
@@ -300,6 +306,8 @@ class Trainer:
         self.history, self.epoch = History(), 0
         self._best, self._best_epoch, self._wait, self._best_state = None, None, 0, None
         self._last_checkpoint = None
+        self.auto_resume = auto_resume
+        self._setup_distributed(distributed, sync_batchnorm)
 
     @staticmethod
     def _checkpoint_file(p) -> Path:
@@ -338,7 +346,8 @@ class Trainer:
                            scheduler=self.scheduler_name, scheduler_kwargs=self.scheduler_kwargs, grad_clip=self.grad_clip,
                            early_stopping=self.early_stopping, monitor=self.monitor, mixed_precision=self.mixed_precision,
                            amp_dtype=self.amp_dtype, device=str(self.device), compile=bool(self.compile),
-                           channels_last=self.channels_last, torch=torch.__version__))
+                           channels_last=self.channels_last, torch=torch.__version__,
+                           world_size=self.world_size))
 
     def __repr__(self):
         prec = f"autocast {str(self.amp_dtype).replace('torch.', '')}" if self.mixed_precision else 'float32'
@@ -346,6 +355,90 @@ class Trainer:
         val = f", validate every {self.valid_epochs}" if self.valid_dataloader is not None else ', no validation'
         return (f"{type(self).__name__}({getattr(self.model, 'name', type(self.model).__name__)} on {self.device}, {prec}; {opt} lr={self.learning_rate:g}"
                 f"{f', {self.scheduler_name}' if isinstance(self.scheduler_name, str) else ''}; {self.epoch}/{self.train_epochs} epochs done{val})")
+
+# %% ../nbs/09_trainers.ipynb #f17a8081
+@patch
+def _setup_distributed(self: Trainer, distributed: bool|str, sync_batchnorm: bool):
+    "Join a torchrun job when `distributed` says so: shard the loaders, wrap the model in DDP (see above)."
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    if distributed not in ('auto', True, False): raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
+    if isinstance(self.model, DDP):
+        raise TypeError("model is already wrapped in DistributedDataParallel: pass the plain model (ddp.module); "
+                        "the Trainer wraps it itself under torchrun (distributed='auto')")
+    if sync_batchnorm and self.device.type != 'cuda':
+        raise DistributedSetupError(f"sync_batchnorm=True needs CUDA devices (PyTorch's SyncBatchNorm has no CPU implementation under DDP), the "
+                                    f"trainer runs on {self.device}. On CPUs each rank normalises with its own batch statistics: use "
+                                    "sync_batchnorm=False, or a model without BatchNorm for results equal to one process")
+    self.rank, self.world_size, self._ddp, self.distributed = 0, 1, None, False
+    self._eval_forward, self._epoch_speed = self._forward, None
+    if distributed is False: return
+    if not is_initialized():
+        env = dist_env()  # checks the variables torchrun sets
+        if distributed is True and not env.launched:
+            raise DistributedSetupError("distributed=True, but this process was not started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK are not set): "
+                                        "run `torchrun --nproc-per-node=N your_script.py`, or use distributed='auto' to train in one process here")
+        if env.world_size > 1 or distributed is True: init_distributed(self.device)
+    world = get_world_size()
+    if world == 1 and distributed == 'auto': return
+    self.rank, self.world_size, self.distributed = get_rank(), world, True
+    self.device = local_device(self.device)
+    self.model.to(self.device)
+    if sync_batchnorm: self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+    self.train_dataloader = distributed_loader(self.train_dataloader, train=True)
+    self.valid_dataloader = distributed_loader(self.valid_dataloader, train=False)
+    self.optimizer = self._make_optimizer()                       # for the (new) parameters and the shards' length
+    self.scheduler, self._sched_per_batch = self._make_scheduler()
+    self._ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+    self._forward = torch.compile(self._ddp, **(self.compile if isinstance(self.compile, dict) else {})) if self.compile else self._ddp
+    self._eval_forward = self.model  # evaluation needs no gradient sync (and unwrapped, no buffer broadcast: shards may differ in length)
+    rank_zero_logging(self.log, get_logger())
+    self.log.info(f"distributed: {world} processes ({torch.distributed.get_backend()}), batch size {getattr(self.train_dataloader, 'batch_size', '?')} "
+                  f"per process, {len(self.train_dataloader) if hasattr(self.train_dataloader, '__len__') else '?'} batches per epoch")
+
+@patch
+def _lockstep(self: Trainer, dl):
+    "The batches of `dl`; distributed: every rank stops as soon as one has no batch left (no rank waits for a gradient that never comes)."
+    if self.world_size == 1: yield from dl; return
+    it, k = iter(dl), 0
+    while True:
+        b = next(it, None)
+        if all_reduce_sum([b is None])[0] > 0:
+            if b is not None: self.log.warning(f"another rank ran out of batches after {k}: this rank's remaining batches are skipped this epoch")
+            return
+        k += 1
+        yield b
+
+@patch
+def _all_finite(self: Trainer, lv: float) -> bool:
+    "Whether the batch's loss is finite on every rank (all ranks skip or stop together)."
+    if self.world_size == 1: return math.isfinite(lv)
+    return all_reduce_sum([not math.isfinite(lv)])[0] == 0
+
+@patch
+def _reduce_counts(self: Trainer, n: int, loss_sum: float, correct):
+    "Items, loss sum and correct predictions summed over the ranks (the same numbers on every rank)."
+    if self.world_size == 1: return n, loss_sum, correct
+    s = all_reduce_sum([n, loss_sum, 0 if correct is None else correct.item(), correct is not None])
+    return int(s[0]), float(s[1]), torch.tensor(int(s[2])) if s[3] > 0 else None
+
+@patch
+def _agreed(self: Trainer, x):
+    "Rank 0's value on every rank (the epoch time: the history is the same everywhere)."
+    return broadcast_object(x) if self.world_size > 1 else x
+
+@patch
+def _speed_text(self: Trainer) -> str:
+    if not self._epoch_speed: return ''
+    return f" | {self._epoch_speed:,.0f} img/s" + (f" on {self.world_size} processes" if self.world_size > 1 else '')
+
+@patch
+def _resume_path(self: Trainer, resume_from):
+    "`resume_from`, or with auto_resume the existing checkpoint_path (rank 0 decides for all)."
+    on = self.auto_resume if self.auto_resume is not None else self.world_size > 1
+    if resume_from is not None or not on or self.checkpoint_path is None or self.epoch > 0: return resume_from
+    if not broadcast_object(self.checkpoint_path.exists()): return None
+    self.log.info(f"auto_resume: continuing from {self.checkpoint_path}")
+    return self.checkpoint_path
 
 # %% ../nbs/09_trainers.ipynb #ee5429c8
 def _nonfinite_message(self: Trainer, value: float, epoch: int, batch: int, n_batches) -> str:
@@ -378,18 +471,20 @@ def train_epoch(self: Trainer, epoch: int, # the epoch's number (1-based), for m
                ) -> dict:
     "Train one epoch; returns its history row (without validation)."
     model, opt, scaler, dl = self.model, self.optimizer, self.scaler, self.train_dataloader
+    set_loader_epoch(dl, epoch - 1)  # the epoch's shared shuffle (TensorLoader, DistributedSampler)
     n_batches = len(dl) if hasattr(dl, '__len__') else None
-    bar = _progress_bar(n_batches, f"epoch {epoch}/{self.train_epochs}", self.progress) if self.progress else None
+    bar = _progress_bar(n_batches, f"epoch {epoch}/{self.train_epochs}", self.progress) if self.progress and is_main() else None
+    t0 = time.perf_counter()
     lr = opt.param_groups[0]['lr']
     n, loss_sum, correct, skipped = 0, 0.0, None, 0
     model.train()
     try:
-        for i, (xb, yb) in enumerate(dl, 1):
+        for i, (xb, yb) in enumerate(self._lockstep(dl), 1):
             xb, yb = self._to_device(xb, yb)
             with self._autocast(): out = self._forward(xb)
             loss = self.loss_func(out.float(), yb)
             lv = loss.item()
-            if not math.isfinite(lv):
+            if not self._all_finite(lv):
                 if not self.skip_nonfinite: raise NonFiniteLossError(_nonfinite_message(self, lv, epoch, i, n_batches))
                 skipped += 1
                 self.log.debug(f"epoch {epoch}, batch {i}: loss {lv}, batch skipped")
@@ -412,6 +507,8 @@ def train_epoch(self: Trainer, epoch: int, # the epoch's number (1-based), for m
                 bar.set_postfix(loss=f"{loss_sum / n:.4f}", **({'acc': f"{correct.item() / n:.4f}"} if correct is not None else {}), refresh=False)
     finally:
         if bar is not None: bar.close()
+    n, loss_sum, correct = self._reduce_counts(n, loss_sum, correct)
+    self._epoch_speed = n / max(time.perf_counter() - t0, 1e-9)
     if skipped: self.log.warning(f"epoch {epoch}: {skipped} batch{'es' * (skipped > 1)} with a non-finite loss skipped")
     if n == 0: raise RuntimeError(f"epoch {epoch} trained on no batches: " + (f"all {skipped} had a non-finite loss" if skipped else "train_dataloader is empty"))
     return dict(epoch=epoch, train_loss=loss_sum / n, train_accuracy=correct.item() / n if correct is not None else math.nan, lr=lr, skipped=skipped)
@@ -420,7 +517,7 @@ def train_epoch(self: Trainer, epoch: int, # the epoch's number (1-based), for m
 def evaluate(self: Trainer, dataloader: Iterable|None = None, # batches (x, y); None: the validation loader
             ) -> tuple[float, float]:
     "Mean loss and accuracy of the model on `dataloader` (eval mode, no gradients, autocast as in training)."
-    dl = self.valid_dataloader if dataloader is None else dataloader
+    dl = self.valid_dataloader if dataloader is None else distributed_loader(dataloader, train=False) if self.world_size > 1 else dataloader
     if dl is None: raise ValueError("evaluate: no dataloader given and the trainer has no valid_dataloader")
     model, training = self.model, self.model.training
     n, loss_sum, correct = 0, 0.0, None
@@ -429,13 +526,14 @@ def evaluate(self: Trainer, dataloader: Iterable|None = None, # batches (x, y); 
         with torch.no_grad():
             for xb, yb in dl:
                 xb, yb = self._to_device(xb, yb)
-                with self._autocast(): out = self._forward(xb)
+                with self._autocast(): out = self._eval_forward(xb)
                 out = out.float()
                 bs = yb.shape[0]
                 n, loss_sum = n + bs, loss_sum + self.loss_func(out, yb).item() * bs
                 c = _n_correct(out, yb)
                 if c is not None: correct = c if correct is None else correct + c
     finally: model.train(training)
+    n, loss_sum, correct = self._reduce_counts(n, loss_sum, correct)
     if n == 0: raise ValueError("evaluate: the dataloader gave no batches")
     return loss_sum / n, (correct.item() / n if correct is not None else math.nan)
 
@@ -457,14 +555,15 @@ def _log_epoch(self: Trainer, r: dict):
     val = f" | valid loss {r['valid_loss']:.4f} acc {r['valid_accuracy']:.4f}" if not math.isnan(r['valid_loss']) else ''
     sk = f" | {r['skipped']} batches skipped" if r['skipped'] else ''
     self.log.info(f"epoch {r['epoch']}/{self.train_epochs}: train loss {r['train_loss']:.4f} acc {r['train_accuracy']:.4f}{val} "
-                  f"| lr {r['lr']:.2e} | {r['time']:.1f}s{sk}")
+                  f"| lr {r['lr']:.2e} | {r['time']:.1f}s{self._speed_text()}{sk}")
 
 @patch
 def run(self: Trainer, resume_from: str|Path|None = None, # a checkpoint to continue from (model, optimizer, RNG states, history ...)
        ) -> tuple[nn.Module, list[float], list[float]]:
     "Train; returns `(model, per-epoch training losses, per-epoch training accuracies)`."
+    resume_from = self._resume_path(resume_from)
     if resume_from is not None: self.resume(resume_from)
-    elif self.seed is not None and self.epoch == 0: seed_everything(self.seed)
+    elif self.seed is not None and self.epoch == 0: seed_everything(self.seed + self.rank)  # ranks draw different dropout masks
     if self.epoch >= self.train_epochs: self.log.warning(f"nothing to train: {self.epoch} of train_epochs={self.train_epochs} epochs are done")
     try:
         for epoch in range(self.epoch + 1, self.train_epochs + 1):
@@ -474,7 +573,7 @@ def run(self: Trainer, resume_from: str|Path|None = None, # a checkpoint to cont
             validate = self.valid_dataloader is not None and (epoch % self.valid_epochs == 0 or last)
             if validate: row['valid_loss'], row['valid_accuracy'] = self.evaluate(self.valid_dataloader)
             if self.scheduler is not None and not self._sched_per_batch: self.scheduler.step()
-            row['time'] = time.perf_counter() - t0
+            row['time'] = self._agreed(time.perf_counter() - t0)
             self.history.append(**row)
             self.epoch = epoch
             self._log_epoch(self.history[-1])
@@ -507,10 +606,12 @@ class MPTrainer(Trainer):
 def state_dict(self: Trainer) -> dict:
     "Everything needed to continue this run: model, optimizer, scheduler, scaler, epoch, history, early stopping, RNG states, config."
     es = dict(best=self._best, best_epoch=self._best_epoch, wait=self._wait, state=self._best_state)
+    mine = {'rng': rng_state(), 'loader_rng': {k: g.get_state() for k, g in loader_generators(self.train_dataloader).items()}}
+    ranks = all_gather_object(mine) if self.world_size > 1 else [mine]  # a collective: every rank calls state_dict
     return {'format': CHECKPOINT_FORMAT, 'epoch': self.epoch, 'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
             'scheduler': self.scheduler.state_dict() if self.scheduler is not None else None, 'scaler': self.scaler.state_dict(),
-            'history': self.history.to_dict(), 'early_stopping': es, 'rng': rng_state(),
-            'loader_rng': {k: g.get_state() for k, g in loader_generators(self.train_dataloader).items()}, 'config': self.config}
+            'history': self.history.to_dict(), 'early_stopping': es, 'rng': ranks[0]['rng'], 'loader_rng': ranks[0]['loader_rng'],
+            'world_size': self.world_size, 'ranks': ranks if self.world_size > 1 else None, 'config': self.config}
 
 def _history_files(path: Path) -> tuple[Path, Path]:
     return path.with_suffix('.history.csv'), path.with_suffix('.history.jsonl')
@@ -518,12 +619,15 @@ def _history_files(path: Path) -> tuple[Path, Path]:
 @patch
 def save_model(self: Trainer, path: str|Path, # the checkpoint file (parent folders are created)
               ) -> Path:
-    "Write a checkpoint atomically, and the history next to it as `<name>.history.csv` and `.history.jsonl`."
-    path = atomic_save(self.state_dict(), path)
-    csv_path, jsonl_path = _history_files(path)
-    self.history.to_csv(csv_path); self.history.to_jsonl(jsonl_path)
-    self.log.info(f"saved checkpoint {path} (epoch {self.epoch})")
-    return path
+    "Write a checkpoint atomically, and the history next to it as `<name>.history.csv` and `.history.jsonl` (distributed: rank 0 writes, all wait)."
+    sd = self.state_dict()
+    if is_main():
+        path = atomic_save(sd, path)
+        csv_path, jsonl_path = _history_files(path)
+        self.history.to_csv(csv_path); self.history.to_jsonl(jsonl_path)
+        self.log.info(f"saved checkpoint {path} (epoch {self.epoch})")
+    barrier()  # nobody reads or replaces the file before it is complete
+    return Path(path)
 
 @patch
 def load_model(self: Trainer, path: str|Path, # a checkpoint of `save_model` (or a plain state dict)
@@ -559,13 +663,21 @@ def resume(self: Trainer, path: str|Path, # a checkpoint written by `save_model`
     self.history, self.epoch = History.from_dict(ck['history']), int(ck['epoch'])
     es = ck['early_stopping']
     self._best, self._best_epoch, self._wait, self._best_state = es['best'], es['best_epoch'], es['wait'], es['state']
-    set_rng_state(ck['rng'])
-    gens = loader_generators(self.train_dataloader)
-    if set(gens) != set(ck['loader_rng']):
+    saved_world = int(ck.get('world_size') or 1)
+    if saved_world != self.world_size:
+        self.log.warning(f"resuming {path}, saved by {saved_world} process{'es' * (saved_world > 1)}, with {self.world_size}: the batches "
+                         "and random streams change, so the run continues but will not equal an uninterrupted one")
+        seed_everything((self.seed or 0) + self.rank)
+        gens, saved_gens = {}, {}
+    else:
+        mine = ck['ranks'][self.rank] if saved_world > 1 else {'rng': ck['rng'], 'loader_rng': ck['loader_rng']}
+        set_rng_state(mine['rng'])
+        gens, saved_gens = loader_generators(self.train_dataloader), mine['loader_rng']
+    if set(gens) != set(saved_gens) and saved_world == self.world_size:
         warnings.warn(f"the training loader's random generators ({sorted(gens) or 'none'}) differ from the checkpoint's "
-                      f"({sorted(ck['loader_rng']) or 'none'}): the data order after resuming will differ from an uninterrupted run", stacklevel=2)
+                      f"({sorted(saved_gens) or 'none'}): the data order after resuming will differ from an uninterrupted run", stacklevel=2)
     for k, g in gens.items():
-        if k in ck['loader_rng']: g.set_state(ck['loader_rng'][k].cpu())
+        if k in saved_gens: g.set_state(saved_gens[k].cpu())
     self._last_checkpoint = (Path(path), self.epoch)
     self.log.info(f"resumed {path} at epoch {self.epoch}")
     return self

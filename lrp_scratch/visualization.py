@@ -166,19 +166,27 @@ def relevance_grid(x: torch.Tensor, # images (N, C, H, W)
     return fig
 
 # %% ../nbs/12_visualization.ipynb #083dad9b
-def _explorer_view(model, x, y, composites, i, comp_name, top_k, target):
-    "The explorer's figure for one setting."
+def _explorer_view(model, x, y, composites, i, comp_name, top_k, target, layer=None, channel=0):
+    "The explorer's figure for one setting (with a concept layer: also that channel's conditional heatmap)."
     lrp = LRPModel(model, composite=composites[comp_name], top_k=top_k)
     xi = x[i:i + 1]
-    r, out = lrp.explain(xi, target=None if target == 'softmax' else ('pred' if target == 'pred' else int(target)))
+    tgt = None if target == 'softmax' else ('pred' if target == 'pred' else int(target))
+    r, out = lrp.explain(xi, target=tgt)
     probs = torch.softmax(out[0].float(), 0).cpu().numpy()
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.2), gridspec_kw=dict(width_ratios=[1, 1, 1.4]))
+    n = 4 if layer else 3
+    fig, axes = plt.subplots(1, n, figsize=(10 + 3 * (n - 3), 3.2), gridspec_kw=dict(width_ratios=[1] * (n - 1) + [1.4]))
+    if layer:
+        if top_k: axes[2].text(0.5, 0.5, 'concepts need top_k = 0', ha='center', va='center', transform=axes[2].transAxes)
+        else:
+            rc, _ = lrp.explain(xi, target=tgt, conditions={layer: [channel]})
+            axes[2].imshow(relevance_to_rgb(rc[0, 0], 'bwr'))
+        axes[2].set_title(f"concept {layer}:{channel}", fontsize=9); axes[2].set_axis_off()
     axes[0].imshow(_image(xi[0]), cmap='gray' if x.shape[1] == 1 else None); axes[0].set_title(f"sample {i}" + (f", label {int(y[i])}" if y is not None else ''))
     axes[1].imshow(relevance_to_rgb(r[0], 'bwr')); axes[1].set_title(f"{comp_name}, top_k={top_k:g}, target {target}", fontsize=9)
     for a in axes[:2]: a.set_axis_off()
-    bars = axes[2].bar(range(len(probs)), probs, color='lightgray')
+    bars = axes[-1].bar(range(len(probs)), probs, color='lightgray')
     bars[int(probs.argmax())].set_color('crimson')
-    axes[2].set_xticks(range(len(probs))); axes[2].set_ylim(0, 1); axes[2].set_title('class probabilities')
+    axes[-1].set_xticks(range(len(probs))); axes[-1].set_ylim(0, 1); axes[-1].set_title('class probabilities')
     fig.tight_layout()
     return fig
 
@@ -187,8 +195,9 @@ def explore(model: torch.nn.Module, # the classifier
             y: torch.Tensor|None = None, # labels (shown with the image)
             composites: dict|None = None, # {name: Composite}; default: classic and the Zennit-style presets
             static: bool = False, # draw one static figure instead of widgets
+            concept_layers: Sequence[str]|None = None, # layers for the concept picker (a layer and channel: its conditional heatmap)
            ):
-    "Interactive LRP explorer (sample, composite, top_k, target); a static figure where widgets are unavailable."
+    "Interactive LRP explorer (sample, composite, top_k, target, concept layer and channel); a static figure where widgets are unavailable."
     if len(x) == 0: raise ValueError("explore needs at least one image")
     if composites is None:
         composites = {'classic': classic(), 'EpsilonPlusFlat': EpsilonPlusFlat(), 'EpsilonPlus': EpsilonPlus(),
@@ -202,17 +211,21 @@ def explore(model: torch.nn.Module, # the classifier
         from IPython import get_ipython
         if get_ipython() is None or not hasattr(get_ipython(), 'kernel'): raise ImportError
     except ImportError:
-        return _explorer_view(model, x, y, composites, 0, first, 0.0, 'pred')
+        return _explorer_view(model, x, y, composites, 0, first, 0.0, 'pred', (concept_layers or [None])[0], 0)
     out = W.Output()
     w_i = W.IntSlider(0, 0, len(x) - 1, description='sample')
     w_c = W.Dropdown(options=list(composites), value=first, description='composite')
     w_k = W.FloatSlider(value=0.0, min=0.0, max=0.2, step=0.01, description='top_k')
     w_t = W.Dropdown(options=['pred', 'softmax'] + [str(c) for c in range(n_classes)], value='pred', description='target')
+    w_l = W.Dropdown(options=['(none)'] + list(concept_layers or []), value='(none)', description='concept')
+    w_ch = W.BoundedIntText(value=0, min=0, max=4095, description='channel')
     def update(*_):
         with out:
             out.clear_output(wait=True)
-            fig = _explorer_view(model, x, y, composites, w_i.value, w_c.value, w_k.value, w_t.value)
+            layer = None if w_l.value == '(none)' else w_l.value
+            fig = _explorer_view(model, x, y, composites, w_i.value, w_c.value, w_k.value, w_t.value, layer, w_ch.value)
             plt.show(fig)
-    for w in (w_i, w_c, w_k, w_t): w.observe(update, names='value')
+    for w in (w_i, w_c, w_k, w_t, w_l, w_ch): w.observe(update, names='value')
     update()
-    return W.VBox([W.HBox([w_i, w_c]), W.HBox([w_k, w_t]), out])
+    rows = [W.HBox([w_i, w_c]), W.HBox([w_k, w_t])] + ([W.HBox([w_l, w_ch])] if concept_layers else [])
+    return W.VBox(rows + [out])

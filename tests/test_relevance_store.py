@@ -167,3 +167,17 @@ def test_missing_analysis_extra_is_named():
     lines = p.stdout.splitlines()
     assert len(lines) == 4 and all("pip install 'lrp_scratch[analysis]'" in l for l in lines), p.stdout
     assert "SpRAy needs scikit-learn" in lines[0] and "needs scipy" in lines[2] and "needs h5py" in lines[3], p.stdout
+
+
+def test_cli_nproc_equals_one_process(tmp_path):
+    "`lrp-scratch explain-dataset --nproc 2` (torchrun's launcher in-process) writes the same store as one process."
+    cli = [sys.executable, "-m", "lrp_scratch"]
+    run = lambda *a, timeout=300: subprocess.run(cli + list(map(str, a)), capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=timeout)
+    p = run("train", "--out", tmp_path / "ck", "--n-train", 200, "--n-test", 40, "--width", 0.125, "--epochs", 1, "--no-progress")
+    assert p.returncode == 0, p.stderr[-2000:]
+    args = ["explain-dataset", tmp_path / "ck" / "checkpoint.pt", "--n-test", 40, "--chunk-size", 8, "--no-progress"]
+    p1 = run(*args, "--out", tmp_path / "one")
+    assert p1.returncode == 0, p1.stderr[-2000:]
+    p2 = run(*args, "--out", tmp_path / "two", "--nproc", 2, timeout=400)
+    assert p2.returncode == 0, p2.stderr[-2000:]
+    assert files(tmp_path / "one") == files(tmp_path / "two")
