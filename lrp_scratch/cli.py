@@ -698,11 +698,11 @@ def make_parser() -> argparse.ArgumentParser:
                                    'preprocessing, the top-5 classes printed.')
     p.add_argument('checkpoint', nargs='?', help='a checkpoint.pt written by lrp-scratch train or demo (or use --torchvision)')
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument('--image', metavar='FILE', help='an image file of a digit')
+    src.add_argument('--image', metavar='FILE', help='an image file of a digit (with --torchvision: any picture)')
     src.add_argument('--index', type=non_negative_int, metavar='I', help='an image of the test set (see the data options)')
     p.add_argument('--invert', type=choice(('auto', 'yes', 'no'), 'invert'), default='auto', metavar='{auto,yes,no}',
                    help='--image: invert the grey levels: auto (when the background is light), yes, no (default: %(default)s)')
-    p.add_argument('--out', default=None, metavar='FILE.png', help="the PNG to write (default: explain_<name>.png in the checkpoint's folder)")
+    p.add_argument('--out', default=None, metavar='FILE.png', help="the PNG to write (default: explain_<name>.png in the checkpoint's folder; with --torchvision: explain_<image>_<model>.png in the current folder)")
     _torchvision_args(p); _lrp_args(p); _data_args(p, train=False); _common_args(p); p.set_defaults(func=cmd_explain)
     _explain_dataset_parser(sub)
     return parser
