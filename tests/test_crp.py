@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import files, run_job, torchrun_env
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # 64 offline test digits, an untrained VGG11 (an eighth of the channels), chunks of 16 items in batches of 8.
@@ -31,23 +33,8 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _env():
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"): env.pop(k, None)
-    return env
-
-
 def job(tmp: Path, out: Path, mode: str = "run", nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    script = tmp / "job.py"
-    script.write_text(SCRIPT)
-    cmd = [sys.executable, str(script), str(out), mode]
-    if nproc > 1: cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] + cmd[1:]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp, timeout=timeout)
-
-
-def files(d: Path) -> dict:
-    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    return run_job(SCRIPT, tmp, out, mode, nproc, timeout)
 
 
 @pytest.fixture(scope="module")

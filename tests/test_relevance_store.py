@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import files, run_job, torchrun_env
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # One job: 120 offline test digits, an untrained VGG11 (an eighth of the channels), chunks of 16 items in batches of 8.
@@ -47,24 +49,8 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _env():
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"): env.pop(k, None)
-    return env
-
-
 def job(tmp: Path, out: Path, mode: str = "run", nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    script = tmp / "job.py"
-    script.write_text(SCRIPT)
-    cmd = [sys.executable, str(script), str(out), mode]
-    if nproc > 1: cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] + cmd[1:]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp, timeout=timeout)
-
-
-def files(d: Path) -> dict:
-    "Every file under `d` (relative name -> bytes)."
-    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    return run_job(SCRIPT, tmp, out, mode, nproc, timeout)
 
 
 N_CHUNKS = 8  # 120 items in chunks of 16
@@ -162,7 +148,7 @@ def test_missing_analysis_extra_is_named():
             try: f(); print('no error')
             except ImportError as e: print(e)
     """)
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=torchrun_env(), cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
     assert len(lines) == 4 and all("pip install 'lrp_scratch[analysis]'" in l for l in lines), p.stdout
@@ -172,7 +158,7 @@ def test_missing_analysis_extra_is_named():
 def test_cli_nproc_equals_one_process(tmp_path):
     "`lrp-scratch explain-dataset --nproc 2` (torchrun's launcher in-process) writes the same store as one process."
     cli = [sys.executable, "-m", "lrp_scratch"]
-    run = lambda *a, timeout=300: subprocess.run(cli + list(map(str, a)), capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=timeout)
+    run = lambda *a, timeout=300: subprocess.run(cli + list(map(str, a)), capture_output=True, text=True, env=torchrun_env(), cwd=tmp_path, timeout=timeout)
     p = run("train", "--out", tmp_path / "ck", "--n-train", 200, "--n-test", 40, "--width", 0.125, "--epochs", 1, "--no-progress")
     assert p.returncode == 0, p.stderr[-2000:]
     args = ["explain-dataset", tmp_path / "ck" / "checkpoint.pt", "--n-test", 40, "--chunk-size", 8, "--no-progress"]
