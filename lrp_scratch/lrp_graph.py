@@ -12,11 +12,10 @@ import torch.nn.functional as F
 import torch.fx as fx
 
 # %% auto #0
-__all__ = ['LINEAR_TYPES', 'BATCHNORM_TYPES', 'OP_TYPES', 'GRADIENT_FUNCTIONS', 'GRADIENT_METHODS', 'IDENTITY_FUNCTIONS',
-           'SHAPE_METHODS', 'ACTIVATION_FUNCTIONS', 'ACTIVATION_METHODS', 'POOL_FUNCTIONS', 'POOL_METHODS',
-           'MAXPOOL_MODULES', 'ADD', 'SUB', 'MUL', 'DIV', 'NEG', 'INPLACE', 'NONPATH_METHODS', 'NONPATH_FUNCTIONS',
-           'UnsupportedOpError', 'Op', 'Sum', 'Gate', 'Concat', 'Constant', 'Activation', 'Pool', 'Normalization',
-           'LRPGraph', 'trace']
+__all__ = ['LINEAR_TYPES', 'BATCHNORM_TYPES', 'GRADIENT_FUNCTIONS', 'GRADIENT_METHODS', 'IDENTITY_FUNCTIONS', 'SHAPE_METHODS',
+           'ACTIVATION_FUNCTIONS', 'ACTIVATION_METHODS', 'POOL_FUNCTIONS', 'POOL_METHODS', 'MAXPOOL_MODULES', 'ADD',
+           'SUB', 'MUL', 'DIV', 'NEG', 'INPLACE', 'NONPATH_METHODS', 'NONPATH_FUNCTIONS', 'UnsupportedOpError', 'Op',
+           'Sum', 'Gate', 'Concat', 'Constant', 'Activation', 'Pool', 'Normalization', 'LRPGraph', 'trace']
 
 # %% ../nbs/08b_lrp_graph.ipynb #4679efa4
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -116,8 +115,6 @@ class Pool(Op):
 class Normalization(Op):
     "A normalisation called as a function: `F.layer_norm` (LayerNorm2d in ConvNeXt)."
     kind = 'norm'
-
-OP_TYPES = (Op,)
 
 # %% ../nbs/08b_lrp_graph.ipynb #c0d7bb03
 # data movement: the gradient moves relevance with its value
