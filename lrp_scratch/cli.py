@@ -698,7 +698,7 @@ def _common_args(p):
 
 def make_parser() -> argparse.ArgumentParser:
     "The `lrp-scratch` argument parser with its sub-commands."
-    parser = _Parser(prog='lrp-scratch', description='Train VGG networks from scratch on digits or MNIST and explain them with LRP.',
+    parser = _Parser(prog='lrp-scratch', description='Train VGG and ResNet networks from scratch on digits or MNIST and explain them (or torchvision models) with LRP.',
                      epilog='Run `lrp-scratch demo` first: a small end-to-end run (under a minute on a laptop CPU). '
                             '`lrp-scratch COMMAND --help` explains each command.')
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
