@@ -240,7 +240,7 @@ def load_image(path: str|Path, # a PNG, JPEG, ... file (any size, colour or grey
     return x, x28
 
 # %% ../nbs/14_cli.ipynb #57f3813d
-COMPOSITES = ('EpsilonPlusFlat', 'EpsilonPlus', 'EpsilonAlpha2Beta1', 'EpsilonAlpha2Beta1Flat', 'EpsilonGammaBox', 'classic')
+COMPOSITES = ('EpsilonPlusFlat',) + tuple(n for n in lrp.PRESETS if n != 'EpsilonPlusFlat')  # the default first
 
 def make_composite(name: str) -> lrp.Composite:
     "The LRP composite called `name` (one of `COMPOSITES`); EpsilonGammaBox gets the bounds of normalised pixels."
@@ -248,7 +248,7 @@ def make_composite(name: str) -> lrp.Composite:
     if name == 'EpsilonGammaBox':
         low, high = [(v - MNIST_MEAN[0]) / MNIST_STD[0] for v in (0.0, 1.0)]
         return lrp.EpsilonGammaBox(low, high)
-    return getattr(lrp, name)()
+    return lrp.get_composite(name)  # the presets by name (one registry, lrp.PRESETS)
 
 def explain_batches(model: torch.nn.Module, x: torch.Tensor, # images (N, C, H, W) on the model's device
                     composite: str = 'EpsilonPlusFlat', top_k: float = 0.0,
