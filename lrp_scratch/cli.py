@@ -746,7 +746,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/14_cli.ipynb #4ee7a550
 import io
-from .distributed import DistributedSetupError, dist_env, is_main
+from .distributed import DistributedSetupError, dist_env, is_main, shutdown_distributed
 
 # %% ../nbs/14_cli.ipynb #c5d3fdb2
 USER_ERRORS = USER_ERRORS + (DistributedSetupError,)  # a broken torchrun environment: one line, what to set
@@ -782,8 +782,10 @@ def launched(cmd: Callable) -> Callable:
                 raise CLIError("--nnodes, --node-rank, --rdzv-endpoint, --rdzv-id and --max-restarts go with --nproc N (the processes per machine)")
             env = dist_env()
             if env.world_size > 1 and env.rank != 0:  # one rank of a torchrun job: rank 0 prints the summary
-                with contextlib.redirect_stdout(io.StringIO()): return cmd(args)
-            return cmd(args)
+                with contextlib.redirect_stdout(io.StringIO()): rc = cmd(args)
+            else: rc = cmd(args)
+            shutdown_distributed()  # all ranks done: leave together (after an error a rank just exits)
+            return rc
         if dist_env().launched: raise CLIError("--nproc starts a torchrun job, but this process already runs in one (WORLD_SIZE is set): drop --nproc")
         from torch.distributed import run as torchrun
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

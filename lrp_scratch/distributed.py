@@ -4,7 +4,7 @@
 
 # %% ../nbs/09a_distributed.ipynb #4691d5ff
 from __future__ import annotations
-import copy, datetime, logging, math, os, warnings
+import atexit, copy, datetime, logging, math, os, warnings
 from typing import Iterable, NamedTuple
 import torch
 import torch.distributed as dist
@@ -102,7 +102,9 @@ def init_distributed(device=None, # the compute device: a CUDA one picks NCCL, t
         backend = 'nccl'
     else: backend = 'gloo'
     kw = {} if timeout is None else dict(timeout=datetime.timedelta(seconds=timeout))
-    try: dist.init_process_group(backend, init_method='env://', rank=env.rank, world_size=env.world_size, **kw)
+    try:
+        dist.init_process_group(backend, init_method='env://', rank=env.rank, world_size=env.world_size, **kw)
+        atexit.register(_destroy_at_exit)
     except Exception as e:
         raise DistributedSetupError(f"rank {env.rank} of {env.world_size} could not join the {backend} process group at "
                                     f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
@@ -111,7 +113,13 @@ def init_distributed(device=None, # the compute device: a CUDA one picks NCCL, t
     return env
 
 def shutdown_distributed():
-    "Destroy the default process group, if there is one (what a script calls at its end)."
+    "Wait for every rank, then destroy the default process group, if there is one (what a script calls at its end)."
+    if is_initialized():
+        dist.barrier()  # no rank tears its connections down while another still uses them (gloo then aborts the process)
+        dist.destroy_process_group()
+
+def _destroy_at_exit():
+    "At interpreter exit: destroy a process group the script left running (no barrier: a failing rank must not wait)."
     if is_initialized(): dist.destroy_process_group()
 
 # %% ../nbs/09a_distributed.ipynb #d20aeed8
