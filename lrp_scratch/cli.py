@@ -26,13 +26,14 @@ from .testers import Tester, TestReport
 from .visualization import plot_relevance_scores, relevance_grid
 
 # %% auto #0
-__all__ = ['USER_ERRORS', 'fraction', 'positive', 'valid_ratio', 'MODELS', 'COMPOSITES', 'IMAGENET_MEAN', 'IMAGENET_STD',
-           'cmd_train_launch', 'CLIError', 'one_line', 'positive_int', 'non_negative_int', 'choice', 'target_arg',
-           'load_datasets', 'build_model', 'model_from_checkpoint', 'load_image', 'make_composite', 'explain_batches',
-           'torchvision_classifiers', 'torchvision_name', 'torchvision_preprocessing', 'load_imagenet_image',
-           'load_state_dict_file', 'torchvision_model', 'imagenet_composite', 'top_classes', 'cmd_train', 'cmd_test',
-           'cmd_explain', 'cmd_explain_torchvision', 'cmd_demo', 'platform_lines', 'cmd_info', 'dataset_target_arg',
-           'cmd_explain_dataset', 'make_parser', 'launch_command', 'launched', 'main']
+__all__ = ['USER_ERRORS', 'fraction', 'positive', 'valid_ratio', 'target_arg', 'MODELS', 'COMPOSITES', 'IMAGENET_MEAN',
+           'IMAGENET_STD', 'dataset_target_arg', 'cmd_train_launch', 'CLIError', 'one_line', 'positive_int',
+           'non_negative_int', 'choice', 'target_type', 'load_datasets', 'build_model', 'model_from_checkpoint',
+           'load_image', 'make_composite', 'explain_batches', 'torchvision_classifiers', 'torchvision_name',
+           'torchvision_preprocessing', 'load_imagenet_image', 'load_state_dict_file', 'torchvision_model',
+           'imagenet_composite', 'top_classes', 'cmd_train', 'cmd_test', 'cmd_explain', 'cmd_explain_torchvision',
+           'cmd_demo', 'platform_lines', 'cmd_info', 'cmd_explain_dataset', 'make_parser', 'launch_command', 'launched',
+           'main']
 
 # %% ../nbs/14_cli.ipynb #48d81e86
 class CLIError(Exception):
@@ -91,13 +92,17 @@ def choice(options: Sequence[str], what: str):
     parse.__name__ = what  # argparse names the type in its messages
     return parse
 
-def target_arg(s: str) -> str|int:
-    "argparse type: 'pred', 'softmax' or a class index."
-    if s.lower() in ('pred', 'softmax'): return s.lower()
-    try: v = int(s)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected 'pred', 'softmax' or a class number, got {s!r}") from None
-    if v < 0: raise argparse.ArgumentTypeError(f"a class number is >= 0, got {v}")
-    return v
+def target_type(*words: str):
+    "An argparse type: one of `words` (any case) or a class number >= 0."
+    def parse(s: str) -> str|int:
+        if s.lower() in words: return s.lower()
+        try: v = int(s)
+        except ValueError: raise argparse.ArgumentTypeError(f"expected {', '.join(map(repr, words))} or a class number, got {s!r}") from None
+        if v < 0: raise argparse.ArgumentTypeError(f"a class number is >= 0, got {v}")
+        return v
+    return parse
+
+target_arg = target_type('pred', 'softmax')  # explain
 
 # %% ../nbs/14_cli.ipynb #550b4c07
 def _bar(iterable, desc: str, enabled: bool, **kwargs):
@@ -597,13 +602,7 @@ def _add_info_command(sub):
     p.set_defaults(func=cmd_info)
 
 # %% ../nbs/14_cli.ipynb #62d47678
-def dataset_target_arg(s: str) -> str|int:
-    "argparse type: 'pred', 'label' or a class index."
-    if s.lower() in ('pred', 'label'): return s.lower()
-    try: v = int(s)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected 'pred', 'label' or a class number, got {s!r}") from None
-    if v < 0: raise argparse.ArgumentTypeError(f"a class number is >= 0, got {v}")
-    return v
+dataset_target_arg = target_type('pred', 'label')  # explain-dataset
 
 def cmd_explain_dataset(args) -> int:
     "lrp-scratch explain-dataset: a checkpoint and a split -> a relevance store (chunks + manifest) in --out, optionally an HDF5 file."
