@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 from . import __version__
 from .core import atomic_write
-from .lrp import Composite, EpsilonPlusFlat, LRPModel, _check_top_k, get_composite
+from .lrp import Composite, EpsilonPlusFlat, LRPModel, get_composite
+from .rules import _check_top_k
 from .data_loaders import InMemoryDataset
 from .distributed import barrier, init_distributed, shard_range
 
