@@ -7,7 +7,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 import torch
 import torch.nn as nn
-from .lrp_graph import LINEAR_TYPES, BATCHNORM_TYPES
+from .lrp_graph import LINEAR_TYPES, BATCHNORM_TYPES, fold_batchnorm
 
 # %% auto #0
 __all__ = ['MergeBatchNorm']
@@ -29,12 +29,8 @@ class MergeBatchNorm:
 
     @staticmethod
     def merge(weight: torch.Tensor, bias: torch.Tensor|None, bn: nn.Module) -> tuple:
-        "(weight, bias) of the linear layer followed by `bn` (in eval mode), as one layer."
-        scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
-        shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-        b = bias if bias is not None else torch.zeros_like(bn.running_mean)
-        w = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
-        return w, (b - bn.running_mean) * scale + shift
+        "(weight, bias) of the linear layer followed by `bn` (in eval mode; a module or `lrp_graph.BatchNormParams`), as one layer."
+        return fold_batchnorm(weight, bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
 
     def __repr__(self): return 'MergeBatchNorm()'
 

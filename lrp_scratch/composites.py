@@ -8,9 +8,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .lrp_graph import LINEAR_TYPES, BATCHNORM_TYPES, LRPGraph, Op, trace
+from .lrp_graph import LINEAR_TYPES, BATCHNORM_TYPES, LRPGraph, Op, Linear, trace, standard
 from .rules import (Rule, Epsilon, ZPlus, Alpha2Beta1, Gamma, ZBox, Flat, Pass, SignalTakesAll, Norm, MaxPoolAsAvg,
-                               OnesInput)
+                               OnesInput, UniformProduct)
 from .canonizers import MergeBatchNorm, _eval_and_out_of_place
 
 # %% auto #0
@@ -22,14 +22,20 @@ __all__ = ['CONV_TYPES', 'ACTIVATION_TYPES', 'AVGPOOL_TYPES', 'MAXPOOL_TYPES', '
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
                     nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.PReLU, nn.Softsign)
-AVGPOOL_TYPES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+AVGPOOL_TYPES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                 nn.Upsample)  # parameter-free linear maps (nn.Upsample: interpolation)
 MAXPOOL_TYPES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-NORM_TYPES = (nn.LayerNorm,)
-GRADIENT_TYPES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+              nn.LocalResponseNorm, nn.RMSNorm)
+GRADIENT_TYPES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.ZeroPad1d,
+                  nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d,
+                  nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
+                  nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle,
                   nn.AlphaDropout) + MAXPOOL_TYPES  # their gradient is the relevance flow we want
 
 def _linear_fn(module: nn.Module) -> Callable:
     "fn(x, weight, bias) evaluating `module`'s operation with other parameters."
+    if isinstance(module, Linear): return module.apply
     if isinstance(module, nn.Linear): return F.linear
     if isinstance(module, CONV_TYPES):
         if module.padding_mode != 'zeros':
@@ -41,6 +47,25 @@ def _linear_fn(module: nn.Module) -> Callable:
 def _as_pairs(m):
     if m is None: return []
     return list(m.items()) if isinstance(m, dict) else list(m)
+
+def _matches(module: nn.Module, types) -> bool:
+    "Does a layer_map entry's type(s) match `module` (a functional `Linear` op matches its layer type)?"
+    if isinstance(module, Linear): return issubclass(module.as_type, types)
+    if not isinstance(module, types): return False
+    return standard(module) or type(module) in (types if isinstance(types, tuple) else (types,)) or not issubclass(type(module), _TORCH_TYPES)
+
+_TORCH_TYPES = LINEAR_TYPES + BATCHNORM_TYPES + (nn.LayerNorm, nn.GroupNorm)
+
+def _is_linear(m) -> bool: return isinstance(m, Linear) or (isinstance(m, LINEAR_TYPES) and standard(m))
+
+def _check_entries(what, pairs):
+    for i, e in enumerate(pairs):
+        ok = isinstance(e, (tuple, list)) and len(e) == 2 and (isinstance(e[1], Rule) or e[1] is None)
+        ts = e[0] if ok else None
+        ok = ok and (isinstance(ts, type) or (isinstance(ts, tuple) and ts and all(isinstance(t, type) for t in ts)))
+        if not ok:
+            raise TypeError(f"{what}[{i}] is {e!r}: each entry must be (a module type or a tuple of types, a Rule), "
+                            f"e.g. (nn.Linear, Epsilon()) or ((nn.Conv2d, nn.Conv1d), ZPlus())")
 
 class Composite:
     "Maps the modules and ops of a model to LRP rules: by name, first linear layer, then by type."
@@ -57,8 +82,19 @@ class Composite:
                  constant_rule: Rule|None = None, # rule of ops with a constant (x * c, x + c), default Pass()
                  norm_rule: Rule|None = None, # rule of LayerNorm (modules and F.layer_norm), default Pass()
                  batchnorm_rule: Rule|None = None, # rule of a BatchNorm that cannot be folded, default Pass()
+                 product_rule: Rule|None = None, # rule of products of two tensors that both carry relevance, default UniformProduct()
                  name: str|None = None):
         self.layer_map, self.first_map, self.name_map = _as_pairs(layer_map), _as_pairs(first_map), dict(name_map or {})
+        _check_entries('layer_map', self.layer_map); _check_entries('first_map', self.first_map)
+        for k, r in self.name_map.items():
+            if r is not None and not isinstance(r, Rule):
+                raise TypeError(f"name_map[{k!r}] is {r!r} ({type(r).__name__}), not a rule: give a Rule such as Epsilon(), ZPlus() or Pass(), or None for the gradient")
+        for k, r in dict(activation_rule=activation_rule, pool_rule=pool_rule, maxpool_rule=maxpool_rule, sum_rule=sum_rule,
+                         gate_rule=gate_rule, cat_rule=cat_rule, constant_rule=constant_rule, norm_rule=norm_rule,
+                         batchnorm_rule=batchnorm_rule, product_rule=product_rule).items():
+            if r is not None and not isinstance(r, Rule):
+                raise TypeError(f"{k} is {r!r} ({type(r).__name__}), not a rule: give a Rule such as Norm() or Pass()")
+        self.product_rule = product_rule or UniformProduct()
         self.canonizers = tuple(canonizers) if canonizers is not None else (MergeBatchNorm(),)
         self.activation_rule, self.pool_rule, self.maxpool_rule = activation_rule or Pass(), pool_rule or Norm(), maxpool_rule
         self.sum_rule, self.gate_rule, self.cat_rule = sum_rule or Norm(), gate_rule or SignalTakesAll(), cat_rule
@@ -68,14 +104,17 @@ class Composite:
     def rule_for(self, name: str, module: nn.Module, first: bool) -> Rule|None|str:
         "The rule of one module; None: its gradient; 'unsupported': no rule known."
         if name in self.name_map: return self.name_map[name]
-        if isinstance(module, Op):
+        if isinstance(module, Op) and not isinstance(module, Linear):
+            if module.kind == 'move': return None
             return dict(sum=self.sum_rule, gate=self.gate_rule, cat=self.cat_rule, constant=self.constant_rule,
-                        activation=self.activation_rule, pool=self.pool_rule, norm=self.norm_rule).get(module.kind, 'unsupported')
+                        activation=self.activation_rule, pool=self.pool_rule, norm=self.norm_rule, batchnorm=self.batchnorm_rule,
+                        product=self.product_rule).get(module.kind, 'unsupported')
         if first:
             for types, rule in self.first_map:
-                if isinstance(module, types): return rule
+                if _matches(module, types): return rule
         for types, rule in self.layer_map:
-            if isinstance(module, types): return rule
+            if _matches(module, types): return rule
+        if not standard(module): return 'unsupported'  # a torch.nn subclass with a forward of its own (never guessed)
         if isinstance(module, ACTIVATION_TYPES): return self.activation_rule
         if isinstance(module, AVGPOOL_TYPES): return self.pool_rule
         if isinstance(module, MAXPOOL_TYPES): return self.maxpool_rule
@@ -102,7 +141,7 @@ class Composite:
             names = {id(m): n for n, m in model.named_modules()}
             notes = {n: f"folded into `{names[id(folded[id(m)])]}`" for n, m in calls if id(m) in folded}
         else:
-            seen, calls = set(), []
+            seen, calls = set(graph.silent), []  # what receives no relevance needs no rule (it computes a gate, a scale)
             for node in graph.module.graph.nodes:
                 if node.op == 'call_module' and node.target not in seen:
                     seen.add(node.target); calls.append((graph.names[node.target], graph.module.get_submodule(node.target)))
@@ -112,7 +151,7 @@ class Composite:
         for name, m in calls:
             if name in self.name_map and next(m.children(), None) is not None and not isinstance(m, Op):
                 raise ValueError(f"name_map names {name!r}, which is a container ({type(m).__name__}); name its leaf modules")
-            first = not first_done and isinstance(m, LINEAR_TYPES)
+            first = not first_done and _is_linear(m)
             first_done = first_done or first
             note = notes.get(name, '')
             rule = Pass() if note.startswith('folded') else self.rule_for(name, m, first)
@@ -131,8 +170,12 @@ class Composite:
                             f"`name_map={{'{bad[0][0]}': Norm()}}`, or write a Rule subclass (see the LRP docs).")
         out = {n: (m, r) for n, m, r, note in entries if r is not None and not note.startswith('folded')}
         for name, (m, rule) in out.items():
-            if rule.needs_params and not isinstance(m, LINEAR_TYPES):
+            if rule.needs_params and not _is_linear(m):
                 raise TypeError(f"{rule!r} needs a linear layer (Linear/Conv) but `{name}` is {type(m).__name__}")
+            if not rule.needs_params and _is_linear(m):
+                raise TypeError(f"`{name}` is a linear layer ({m.label if isinstance(m, Op) else type(m).__name__}) and {rule!r} is a "
+                                f"rule for parameter-free ops (sums, pools, activations, products): give linear layers a rule that "
+                                f"uses their weights, e.g. Epsilon(), ZPlus(), Gamma() or Flat()")
         return out
 
     def table(self, model: nn.Module) -> str:
@@ -191,7 +234,10 @@ def EpsilonAlpha2Beta1Flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero
                    [(LINEAR_TYPES, Flat(stabilizer))], layer_map, first_map, **kw)
 
 def Uniform(rule: Rule, layer_map=(), first_map=(), **kw) -> Composite:
-    "The same rule on every linear layer (e.g. `Uniform(Epsilon(0))` is LRP-0 everywhere)."
+    "The same rule on every linear layer; for `Epsilon(e)` also the z-rule with e on sums, pools and products (`Uniform(Epsilon(0))` is exact LRP-0)."
+    if isinstance(rule, Epsilon):
+        e = rule.epsilon
+        kw = dict(sum_rule=Norm(e), pool_rule=Norm(e), product_rule=UniformProduct(e)) | kw
     return _preset(f'Uniform({rule!r})', [(LINEAR_TYPES, rule)], (), layer_map, first_map, **kw)
 
 # %% ../nbs/08e_lrp_composites.ipynb #677d89e1

@@ -4,16 +4,17 @@
 
 # %% ../nbs/08_lrp.ipynb #4bff8fba
 from __future__ import annotations
+import math
 from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode, resolve_name
 from fastcore.basics import patch
-from .lrp_graph import LINEAR_TYPES, GRADIENT_METHODS, SHAPE_METHODS, LRPGraph, Op, Sum, UnsupportedOpError
+from .lrp_graph import LINEAR_TYPES, GRADIENT_METHODS, SHAPE_METHODS, LRPGraph, Op, Sum, Linear, UnsupportedOpError
 from .rules import (relevance_filter, LRPContext, redistribute, redistribute_graph, Rule, Epsilon, LRP0, ZPlus,
                                AlphaBeta, Alpha1Beta0, Alpha2Beta1, Gamma, ZBox, Flat, WSquare, Pass, SignalTakesAll, Norm,
-                               MaxPoolAsAvg, OnesInput, _check_top_k, _filter_count)
+                               MaxPoolAsAvg, OnesInput, UniformProduct, _check_top_k, _filter_count)
 from .composites import (CONV_TYPES, ACTIVATION_TYPES, AVGPOOL_TYPES, MAXPOOL_TYPES, NORM_TYPES, GRADIENT_TYPES,
                                     PRESETS, Composite, EpsilonPlus, EpsilonPlusFlat, EpsilonGammaBox, EpsilonAlpha2Beta1,
                                     EpsilonAlpha2Beta1Flat, Uniform, classic, get_composite, _linear_fn)
@@ -23,16 +24,16 @@ from .canonizers import MergeBatchNorm, _eval_and_out_of_place
 __all__ = ['LayerRelevance', 'LRPModel', 'CONV_TYPES', 'ACTIVATION_TYPES', 'AVGPOOL_TYPES', 'MAXPOOL_TYPES', 'NORM_TYPES',
            'GRADIENT_TYPES', 'PRESETS', 'relevance_filter', 'LRPContext', 'redistribute', 'redistribute_graph', 'Rule',
            'Epsilon', 'LRP0', 'ZPlus', 'AlphaBeta', 'Alpha1Beta0', 'Alpha2Beta1', 'Gamma', 'ZBox', 'Flat', 'WSquare',
-           'Pass', 'SignalTakesAll', 'Norm', 'MaxPoolAsAvg', 'Composite', 'EpsilonPlus', 'EpsilonPlusFlat',
-           'EpsilonGammaBox', 'EpsilonAlpha2Beta1', 'EpsilonAlpha2Beta1Flat', 'Uniform', 'OnesInput', 'classic',
-           'get_composite', 'MergeBatchNorm']
+           'Pass', 'SignalTakesAll', 'Norm', 'MaxPoolAsAvg', 'UniformProduct', 'Composite', 'EpsilonPlus',
+           'EpsilonPlusFlat', 'EpsilonGammaBox', 'EpsilonAlpha2Beta1', 'EpsilonAlpha2Beta1Flat', 'Uniform', 'OnesInput',
+           'classic', 'get_composite', 'MergeBatchNorm']
 
 # %% ../nbs/08_lrp.ipynb #ad9ebe65
 # the public names of the rules, composites and canonizers pages, re-exported: `from lrp_scratch.lrp import *` binds them
 _all_ = ['CONV_TYPES', 'ACTIVATION_TYPES', 'AVGPOOL_TYPES', 'MAXPOOL_TYPES', 'NORM_TYPES', 'GRADIENT_TYPES', 'PRESETS',
          'relevance_filter', 'LRPContext', 'redistribute', 'redistribute_graph', 'Rule', 'Epsilon', 'LRP0', 'ZPlus',
          'AlphaBeta', 'Alpha1Beta0', 'Alpha2Beta1', 'Gamma', 'ZBox', 'Flat', 'WSquare', 'Pass', 'SignalTakesAll',
-         'Norm', 'MaxPoolAsAvg', 'Composite', 'EpsilonPlus', 'EpsilonPlusFlat', 'EpsilonGammaBox',
+         'Norm', 'MaxPoolAsAvg', 'UniformProduct', 'Composite', 'EpsilonPlus', 'EpsilonPlusFlat', 'EpsilonGammaBox',
          'EpsilonAlpha2Beta1', 'EpsilonAlpha2Beta1Flat', 'Uniform', 'OnesInput', 'classic', 'get_composite',
          'MergeBatchNorm']
 
@@ -53,19 +54,26 @@ class _Node:
         self.path = module.path if isinstance(module, Op) else (0,)  # the inputs that receive relevance
 
     def forward(self, *xs):
+        "(output, state): state is what the backward needs besides the inputs (the graph kept, a call's own parameters)."
         if not self.linear: return self.original_forward(*xs), None
         x, p = xs[0], self.params
+        if isinstance(self.module, Linear):  # a functional layer: its weight is a constant of this call, computed now
+            with torch.no_grad():
+                w, b = (t.detach() if t is not None else None for t in self.module.weights(xs))
+                p = dict(self.rule.prepare(w, b), _w=w, _b=b)
         if self.rule.reuses_forward:  # keep the graph: the rule's backward needs nothing else
             with torch.enable_grad():
                 xg = x.detach().requires_grad_(True)
                 z = self.fn(xg, p['_w'], p['_b'])
-            return z.detach(), ((xg,), z)
-        return self.fn(x, p['_w'], p['_b']), None
+            return z.detach(), (((xg,), z), p)
+        return self.fn(x, p['_w'], p['_b']), (None, p)
 
-    def _context(self, xs, y, graph, k):
-        if isinstance(self.module, Sum): return LRPContext(self.module, tuple(xs), y, self.params, self.fn, graph, k)
+    def _context(self, xs, y, state, k):
+        graph, params = state if state is not None else (None, self.params)
+        if isinstance(self.module, Sum) or getattr(self.module, 'kind', '') == 'product':  # every factor or term
+            return LRPContext(self.module, tuple(xs), y, params, self.fn, graph, k)
         i = self.path[0]
-        if len(xs) == 1: return LRPContext(self.module, xs[0], y, self.params, self.fn, graph, k)
+        if len(xs) == 1 or isinstance(self.module, Linear): return LRPContext(self.module, xs[i], y, params, self.fn, graph, k)
         # an op with constants among its inputs: the rule sees a function of the relevance-carrying input alone
         fn = lambda v, w=None, b=None: self.original_forward(*xs[:i], v, *xs[i + 1:])
         return LRPContext(self.module, xs[i], y, self.params, fn, graph, k)
@@ -210,7 +218,7 @@ class LRPModel(nn.Module):
         if not isinstance(model, nn.Module): raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model, self.top_k, self.renormalize = model, _check_top_k(top_k), renormalize
         self.composite = get_composite(composite) if composite is not None else classic()
-        self.cache_params, self._cache, self._graphs = cache_params, {}, {}
+        self.cache_params, self._cache, self._graphs, self._checked = cache_params, {}, {}, set()
 
     def __repr__(self):
         return f"LRPModel(model={type(self.model).__name__}, composite={self.composite.name}, top_k={self.top_k})"
@@ -250,14 +258,65 @@ def _check_input(self: LRPModel, x):
     if not torch.isfinite(x).all(): raise ValueError("x contains NaN or infinite values")
 
 @patch
+def _graph_key(self: LRPModel, comp: Composite) -> tuple:
+    "What a graph is valid for: the composite's leaves, the modules, and the tensors it may read (a `.to()` makes new buffers)."
+    tensors = tuple((id(t), t.data_ptr()) for t in (*self.model.parameters(), *self.model.buffers()))
+    return comp._graph_key(), tuple(map(id, self.model.modules())), tensors
+
+@patch
 def _graph(self: LRPModel, comp: Composite) -> LRPGraph:
-    "The model's graph for this composite, traced once and kept while the model's modules stay the same."
-    key = (comp._graph_key(), tuple(map(id, self.model.modules())))
+    "The model's graph for this composite, traced once and kept while the model's modules and tensors stay the same."
+    key = self._graph_key(comp)
     g = self._graphs.get(key)
     if g is None:
         g = self._graphs[key] = comp.graph(self.model)
         while len(self._graphs) > 8: self._graphs.pop(next(iter(self._graphs)))
     return g
+
+def _output_tol(out: torch.Tensor) -> float:
+    "How far the explained function may part from the model: rounding (folded BatchNorms), relative to max |model(x)|."
+    dev = out.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else out.dtype
+    return 1e3 * torch.finfo(dt).eps if dt.is_floating_point else 0.
+
+def _module_outputs(model: nn.Module, run: Callable, x) -> dict:
+    "{module name: its output at its first call} while `run(x)` runs."
+    out, handles = {}, []
+    for name, m in model.named_modules():
+        if name: handles.append(m.register_forward_hook(lambda mod, a, o, name=name: out.setdefault(name, o)))
+    try:
+        with torch.no_grad(): run(x)
+    finally:
+        for h in handles: h.remove()
+    return out
+
+@patch
+def _check_output(self: LRPModel, comp: Composite, graph: LRPGraph, x: torch.Tensor, out: torch.Tensor):
+    "Once per graph: the explained function must be the model; else raise, naming the first module where the values part."
+    with torch.no_grad(), _eval_and_out_of_place(self.model): ref = self.model(x)
+    err = math.inf
+    if isinstance(ref, torch.Tensor) and ref.shape == out.shape:
+        err = ((out - ref).abs().max() / ref.abs().max().clamp_min(torch.finfo(ref.dtype).tiny)).item()
+    tol = _output_tol(out)
+    if err <= tol: return
+    with _eval_and_out_of_place(self.model):
+        want, got = _module_outputs(self.model, self.model, x), _module_outputs(self.model, graph.module, x)
+    where = ''
+    for node in graph.module.graph.nodes:
+        name = node.target if node.op == 'call_module' else None
+        a, b = want.get(name), got.get(name)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            d = math.inf if a.shape != b.shape else ((a - b).abs().max() / a.abs().max().clamp_min(torch.finfo(a.dtype).tiny)).item()
+            if d > tol: where = f" The values part first at `{name}` ({type(self.model.get_submodule(name)).__name__}): {d:.2g} relative."; break
+    if not where:
+        folded = ', '.join(f"`{b}` into `{l}`" for b, l in list(graph.folded.items())[:3])
+        where = (" The traced graph computes the model, so the difference comes from folding the BatchNorms "
+                 f"({folded}{', ...' if len(graph.folded) > 3 else ''}): pass `canonizers=()` to the composite to keep them.") if graph.folded else ''
+    raise UnsupportedOpError(
+        f"The function LRP would explain is not the model: on this input its output differs from `model(x)` by {err:.3g} "
+        f"(relative to max |model(x)|; rounding allows {tol:.1g}).{where} This happens when the model's forward depends on "
+        f"something torch.fx specialised while tracing (a Python value, a shape, a flag) or on a module that computes something "
+        f"else than its type says. Nothing was returned: make that part traceable, or give the module a rule by name.")
 
 @patch
 @contextmanager
@@ -271,25 +330,34 @@ def rules_applied(self: LRPModel,
     comp = self.composite if composite is None else get_composite(composite)
     top_k = self.top_k if top_k is None else _check_top_k(top_k)
     graph = self._graph(comp)
+    key = self._graph_key(comp)
     plan = comp.rules(self.model, graph)
     if graph.module is not None: merged, run = graph.merged, graph.module
     else:  # not traceable: the module walk, with every op between modules watched
         merged = {lin: bn for c in comp.canonizers if isinstance(c, MergeBatchNorm) for lin, bn in c.pairs(self.model)}
         run = self.model
+    first = []  # the first call's input and output, for the check that the explained function is the model
     def forward(x):
         with _FunctionAudit(self.model, comp) if graph.module is None else nullcontext() as audit:  # the forward only
             out = run(x)
         if audit is not None and isinstance(out, torch.Tensor): audit.check(out)
+        if graph.module is not None and key not in self._checked and not first and isinstance(out, torch.Tensor):
+            first.append((x.detach(), out.detach()))
         return out
+    identity = graph.identity if graph.module is not None else tuple(merged.values())
     with ExitStack() as stack:
         stack.enter_context(_eval_and_out_of_place(self.model))
-        for bn in merged.values(): _override_forward(stack, bn, lambda x: x)  # merged into the previous layer: the identity
+        for bn in identity: _override_forward(stack, bn, lambda x, *consts: x)  # merged into the previous layer: the identity
         for name, (m, rule) in plan.items():
-            if isinstance(m, LINEAR_TYPES): params, fn = self._params(m, rule, merged.get(m)), _linear_fn(m)
+            if isinstance(m, Linear): params, fn = {}, m.apply  # its weight is computed in each call
+            elif isinstance(m, LINEAR_TYPES): params, fn = self._params(m, rule, merged.get(m)), _linear_fn(m)
             else: params, fn = {}, None
             node = _Node(name, m, rule, params, fn, top_k, self.renormalize, record, masks)
             _override_forward(stack, m, _rule_forward(node))
         yield forward, {name: m for name, (m, _) in plan.items()}
+    if first:  # after the caller's work, outside the rules: one forward of the model itself, on the first call only
+        self._check_output(comp, graph, *first[0])
+        self._checked.add(key)
 
 @patch
 def explain(self: LRPModel,

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08b_lrp_graph.ipynb #14fb9f60
 from __future__ import annotations
-import operator
+import inspect, operator
 from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
@@ -12,10 +12,11 @@ import torch.nn.functional as F
 import torch.fx as fx
 
 # %% auto #0
-__all__ = ['LINEAR_TYPES', 'BATCHNORM_TYPES', 'GRADIENT_FUNCTIONS', 'GRADIENT_METHODS', 'IDENTITY_FUNCTIONS', 'SHAPE_METHODS',
-           'ACTIVATION_FUNCTIONS', 'ACTIVATION_METHODS', 'POOL_FUNCTIONS', 'POOL_METHODS', 'MAXPOOL_MODULES', 'ADD',
-           'SUB', 'MUL', 'DIV', 'NEG', 'INPLACE', 'NONPATH_METHODS', 'NONPATH_FUNCTIONS', 'UnsupportedOpError', 'Op',
-           'Sum', 'Gate', 'Concat', 'Constant', 'Activation', 'Pool', 'Normalization', 'LRPGraph', 'trace']
+__all__ = ['LINEAR_TYPES', 'BATCHNORM_TYPES', 'OPS', 'OP_KINDS', 'GRADIENT_FUNCTIONS', 'GRADIENT_METHODS', 'IDENTITY_FUNCTIONS',
+           'SHAPE_METHODS', 'MAXPOOL_MODULES', 'SQUASH_MODULES', 'INPLACE', 'NONPATH_METHODS', 'NONPATH_FUNCTIONS',
+           'UnsupportedOpError', 'standard', 'Op', 'Sum', 'Gate', 'Product', 'Concat', 'Constant', 'Activation', 'Pool',
+           'Normalization', 'BatchNorm', 'Move', 'fold_batchnorm', 'BatchNormParams', 'Linear', 'register_op',
+           'op_kind', 'LRPGraph', 'trace']
 
 # %% ../nbs/08b_lrp_graph.ipynb #4679efa4
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -23,6 +24,12 @@ BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 class UnsupportedOpError(TypeError):
     "An operation in a model's forward that LRP has no rule for."
+
+def standard(m: nn.Module) -> bool:
+    "Does `m` compute what its `torch.nn` base class computes? False for a subclass with a `forward` of its own (timm's `ScaledStdConv2d`, `BatchNormAct2d`)."
+    base = next((c for c in type(m).__mro__ if c.__module__.startswith('torch.nn.')), None)
+    if base is None or base is nn.Module: return False
+    return all(getattr(type(m), a, None) is getattr(base, a, None) for a in ('forward', '_conv_forward'))
 
 # %% ../nbs/08b_lrp_graph.ipynb #a56c6ccc
 class _Arg(NamedTuple):
@@ -52,7 +59,7 @@ class Op(nn.Module):
     kind = 'function'
     def __init__(self, fn: Callable|str, # the operation (a method name for Tensor methods)
                  args: tuple = (), kwargs: dict|None = None, # its arguments; `_Arg(i)` marks where the i-th input goes
-                 path: tuple = (0,), # indices of the inputs that carry relevance (the others: parameters, buffers)
+                 path: tuple = (0,), # indices of the inputs that carry relevance (the others: parameters, buffers, constants of the call)
                 ):
         super().__init__()
         self.fn, self.args, self.kwargs, self.path = fn, tuple(args), dict(kwargs or {}), tuple(path)
@@ -80,7 +87,7 @@ class Sum(Op):
     def extra_repr(self): return ' + '.join(f"{c:g}*x{i}" for i, c in enumerate(self.coefficients))
 
 class Gate(Op):
-    "y = signal * gate, the gate computed from the signal and broadcast over it (squeeze-excitation)."
+    "y = signal * gate, the gate computed from the signal through a bounded squashing function (sigmoid, softmax, ...)."
     kind = 'gate'
     def __init__(self, signal: int, label: str = 'operator.mul'): # signal: the signal's position in the product (0 or 1)
         nn.Module.__init__(self)
@@ -96,12 +103,16 @@ class Gate(Op):
         return y
     def extra_repr(self): return f"signal=x{self.path[0]}"
 
+class Product(Op):
+    "A product of two tensors that both carry relevance (`a * b`, `a @ b` of two branches): the composite's `product_rule`."
+    kind = 'product'
+
 class Concat(Op):
     "torch.cat: each input gets its slice of the relevance (the gradient)."
     kind = 'cat'
 
 class Constant(Op):
-    "A tensor combined with a constant (a parameter, buffer or number): `x * layer_scale`, `x / 2`, `x + pos_embedding`."
+    "A tensor combined with a constant of the call (a parameter, buffer or number): `x * layer_scale`, `x / 2`, `x + pos_embedding`."
     kind = 'constant'
 
 class Activation(Op):
@@ -109,46 +120,166 @@ class Activation(Op):
     kind = 'activation'
 
 class Pool(Op):
-    "A parameter-free linear reduction called as a function: `x.mean((2, 3))`, `F.adaptive_avg_pool2d`, `x.sum(1)`."
+    "A parameter-free linear map called as a function: `x.mean((2, 3))`, `F.adaptive_avg_pool2d`, `x.sum(1)`, `F.interpolate`."
     kind = 'pool'
 
 class Normalization(Op):
-    "A normalisation called as a function: `F.layer_norm` (LayerNorm2d in ConvNeXt)."
+    "A normalisation (`F.layer_norm`, `F.group_norm`, `x / x.norm(...)`, `x * rsqrt(...)`): the normaliser is a constant of the call."
     kind = 'norm'
 
+class BatchNorm(Op):
+    "`F.batch_norm` in eval mode: a per-channel affine map, folded into the linear map before it where it can be."
+    kind = 'batchnorm'
+    def __init__(self, eps: float, present: tuple): # present: which of (mean, var, weight, bias) are inputs, in that order after x
+        nn.Module.__init__(self)
+        self.eps, self.present, self.path = float(eps), tuple(bool(p) for p in present), (0,)
+    @property
+    def label(self): return 'F.batch_norm'
+    def tensors(self, xs) -> list:
+        "[mean, var, weight, bias] of this call (None where absent)."
+        it = iter(xs[1:])
+        return [next(it) if p else None for p in self.present]
+    def forward(self, *xs): return F.batch_norm(xs[0], *self.tensors(xs), False, 0., self.eps)
+    def extra_repr(self): return f"eps={self.eps:g}"
+
+class Move(Op):
+    "Data movement written as an assignment, `y[:, :c] = v` (out of place here): each value's relevance goes where the value went."
+    kind = 'move'
+
+# %% ../nbs/08b_lrp_graph.ipynb #5b1c7e20
+def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor|None, # the linear map's parameters (output channels first)
+                   mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor|None, beta: torch.Tensor|None, eps: float, # the BatchNorm's
+                  ) -> tuple:
+    "(weight, bias) of a linear map followed by a batch norm in eval mode, as one map: W s, (b - mean) s + beta with s = gamma / sqrt(var + eps)."
+    scale = (gamma if gamma is not None else torch.ones_like(var)) / torch.sqrt(var + eps)
+    b = bias if bias is not None else torch.zeros_like(mean)
+    w = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    return w, (b - mean) * scale + (beta if beta is not None else 0)
+
+class BatchNormParams(NamedTuple):
+    "The tensors of a batch norm (a module's, or those a functional `F.batch_norm` is called with), for folding."
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    weight: torch.Tensor|None
+    bias: torch.Tensor|None
+    eps: float
+    def fold(self, weight, bias): return fold_batchnorm(weight, bias, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+
+_CONV = {1: (F.conv1d, nn.Conv1d), 2: (F.conv2d, nn.Conv2d), 3: (F.conv3d, nn.Conv3d)}
+
+class Linear(Op):
+    "A linear map called as a function with a constant weight: `F.conv2d(x, w)`, `F.linear`, `x @ W`; the weight may be computed (standardised, blur filters)."
+    kind = 'linear'
+    def __init__(self, form: str, # 'conv1d'/'conv2d'/'conv3d', 'linear', 'matmul' (x @ w) or 'rmatmul' (w @ x)
+                 weight: int, bias: int|None = None, # positions of the weight and bias among the inputs (input 0 is x)
+                 options: dict|None = None, label: str = ''):
+        nn.Module.__init__(self)
+        self.form, self.weight_at, self.bias_at, self.options, self._label = form, weight, bias, dict(options or {}), label
+        self.path, self.bn, self.bn_at = (0,), None, ()
+        self.as_type = _CONV[int(form[4])][1] if form.startswith('conv') else nn.Linear  # the layer type whose rules it gets
+    @property
+    def label(self): return self._label or self.form
+    def fold(self, at: tuple, eps: float):
+        "Fold the batch norm whose (mean, var, weight, bias) are the inputs at positions `at` (None: absent) into `weights`."
+        self.bn_at, self.bn = tuple(at), float(eps)
+    def apply(self, x, w, b=None):
+        "The map with weight w and bias b."
+        if self.form.startswith('conv'): return _CONV[int(self.form[4])][0](x, w, b, **self.options)
+        if self.form == 'linear': return F.linear(x, w, b)
+        y = x @ w if self.form == 'matmul' else w @ x
+        return y if b is None else y + b
+    def weights(self, xs) -> tuple:
+        "(weight, bias) of this call, with the folded batch norm merged in."
+        w = xs[self.weight_at]
+        b = xs[self.bias_at] if self.bias_at is not None else None
+        if self.bn is not None:
+            t = [xs[i] if i is not None else None for i in self.bn_at]
+            w, b = fold_batchnorm(w, b, t[0], t[1], t[2], t[3], self.bn)
+        return w, b
+    def forward(self, *xs):  # the model's own computation (the batch norm, if folded, still runs after it)
+        return self.apply(xs[0], xs[self.weight_at], xs[self.bias_at] if self.bias_at is not None else None)
+    def extra_repr(self): return f"{self.label}, as {self.as_type.__name__}" + (", batch norm folded" if self.bn is not None else '')
+
 # %% ../nbs/08b_lrp_graph.ipynb #c0d7bb03
+OPS = {}  # function, or Tensor method name -> its kind (what it computes with the tensors that carry relevance)
+
+def register_op(fn: Callable|str, # a function, or the name of a Tensor method
+                kind: str, # one of OP_KINDS
+               ):
+    "Tell the graph pass what `fn` computes (e.g. `register_op(my_shuffle, 'move')`); calls of `fn` then get that kind's rule."
+    if kind not in OP_KINDS: raise ValueError(f"unknown op kind {kind!r}; the kinds: {', '.join(OP_KINDS)}")
+    OPS[fn] = kind
+
+OP_KINDS = {
+    'move': "data movement (reshapes, permutations, indexing, padding): the gradient moves each value's relevance with it",
+    'identity': "the identity in eval mode (dropout, stochastic depth): removed",
+    'cat': "concatenation: `Concat`, each input its slice",
+    'activation': "element-wise non-linearity: `Activation`, the activation rule",
+    'squash': "a bounded element-wise or softmax squashing (sigmoid, tanh, hard-sigmoid, softmax, relu6): makes a product a gate; if it receives relevance itself, an activation (softmax: unsupported)",
+    'pool': "a parameter-free linear map (means, sums, average pools, interpolation): `Pool`, the pool rule",
+    'maxpool': "max pooling: becomes the torch.nn module, the max-pool rule",
+    'linear': "a linear map with a constant weight (functional conv, `F.linear`, `x @ W`): `Linear`, the layer rules by type",
+    'batchnorm': "a batch norm in eval mode: folded into the linear map before it, else `BatchNorm`, the batchnorm rule",
+    'norm': "a normalisation (`F.layer_norm`, `F.group_norm`, ...): `Normalization`, the norm rule",
+    'normaliser': "computes a normaliser (norm, std, var, rsqrt): divisions and products by it are normalisations",
+    'add': "a + b", 'sub': "a - b", 'mul': "a * b", 'div': "a / b", 'neg': "-a", 'matmul': "a @ b", 'addcmul': "torch.addcmul",
+}
+
 # data movement: the gradient moves relevance with its value
 GRADIENT_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.swapaxes, torch.movedim,
                       torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, torch.unbind, torch.narrow, torch.select,
-                      torch.t, torch.stack, operator.getitem, torch.clone, torch.unflatten, torch.roll, torch.flip}
+                      torch.t, torch.stack, operator.getitem, torch.clone, torch.unflatten, torch.roll, torch.flip, F.pad,
+                      F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle, torch.tensor_split, torch.hsplit, torch.vsplit}
 GRADIENT_METHODS = {'view', 'view_as', 'reshape', 'reshape_as', 'flatten', 'unflatten', 'permute', 'transpose', 'swapaxes',
                     'movedim', 't', 'contiguous', 'chunk', 'split', 'unbind', 'squeeze', 'unsqueeze', 'expand', 'expand_as',
-                    'repeat', 'narrow', 'select', 'clone', 'to', 'type_as', 'float', 'double', 'half', 'bfloat16', 'roll', 'flip'}
-# identities in eval mode (traced with training=False)
+                    'repeat', 'narrow', 'select', 'clone', 'to', 'type_as', 'float', 'double', 'half', 'bfloat16', 'roll', 'flip',
+                    'tensor_split'}
 IDENTITY_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
 try:
     from torchvision.ops import stochastic_depth as _sd
     IDENTITY_FUNCTIONS.add(_sd)
 except ImportError: pass
-# non-tensor results: never on the relevance path
-SHAPE_METHODS = {'size', 'dim', 'numel', 'ndimension', 'nelement', 'stride', 'is_contiguous', 'get_device'}
+SHAPE_METHODS = {'size', 'dim', 'numel', 'ndimension', 'nelement', 'stride', 'is_contiguous', 'get_device'}  # never tensors
 
-ACTIVATION_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
-                        F.hardswish, F.hardsigmoid, F.hardtanh, F.sigmoid, torch.sigmoid, F.tanh, torch.tanh, F.softplus,
-                        F.softsign, torch.relu_, F.relu_, F.leaky_relu_, F.elu_, F.hardtanh_}
-ACTIVATION_METHODS = {'relu', 'relu_', 'sigmoid', 'sigmoid_', 'tanh', 'tanh_', 'clamp_min', 'clamp_min_'}
-POOL_FUNCTIONS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.avg_pool1d, F.avg_pool2d,
-                  F.avg_pool3d, torch.mean, torch.sum}
-POOL_METHODS = {'mean', 'sum'}
+_TABLE = {
+    'move': GRADIENT_FUNCTIONS | GRADIENT_METHODS,
+    'identity': IDENTITY_FUNCTIONS,
+    'cat': {torch.cat, torch.concat, torch.concatenate, 'cat'},
+    'activation': {F.relu, torch.relu, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
+                   F.softplus, F.softsign, torch.relu_, F.relu_, F.leaky_relu_, F.elu_, F.prelu, F.rrelu, torch.clamp, torch.clip,
+                   'relu', 'relu_', 'clamp_min', 'clamp_min_', 'clamp', 'clamp_', 'clip', 'clip_', 'gelu', 'silu', 'leaky_relu'},
+    'squash': {F.sigmoid, torch.sigmoid, F.tanh, torch.tanh, F.hardsigmoid, F.hardtanh, F.hardtanh_, F.relu6, F.softmax,
+               torch.softmax, 'sigmoid', 'sigmoid_', 'tanh', 'tanh_', 'softmax'},
+    'pool': {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+             torch.mean, torch.sum, F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear, 'mean', 'sum'},
+    'maxpool': {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d},
+    'linear': {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, F.linear},
+    'batchnorm': {F.batch_norm},
+    'norm': {F.layer_norm, F.group_norm, F.instance_norm, F.rms_norm, F.normalize, F.local_response_norm},
+    'normaliser': {torch.norm, torch.linalg.vector_norm, torch.linalg.norm, torch.std, torch.var, torch.rsqrt, torch.sqrt,
+                   torch.reciprocal, 'norm', 'std', 'var', 'rsqrt', 'sqrt', 'reciprocal', 'rsqrt_', 'sqrt_', 'reciprocal_'},
+    'add': {operator.add, operator.iadd, torch.add, 'add', 'add_', '__add__', '__radd__', '__iadd__'},
+    'sub': {operator.sub, operator.isub, torch.sub, 'sub', 'sub_', '__sub__', '__isub__'},
+    'mul': {operator.mul, operator.imul, torch.mul, 'mul', 'mul_', '__mul__', '__rmul__', '__imul__'},
+    'div': {operator.truediv, operator.itruediv, torch.div, 'div', 'div_', '__truediv__', '__itruediv__'},
+    'neg': {operator.neg, torch.neg, 'neg', '__neg__'},
+    'matmul': {operator.matmul, torch.matmul, torch.mm, torch.bmm, 'matmul', 'mm', 'bmm', '__matmul__'},
+    'addcmul': {torch.addcmul, 'addcmul'},
+}
+for _k, _fns in _TABLE.items():
+    for _f in _fns: OPS[_f] = _k
 MAXPOOL_MODULES = {F.max_pool1d: nn.MaxPool1d, F.max_pool2d: nn.MaxPool2d, F.max_pool3d: nn.MaxPool3d,
                    F.adaptive_max_pool1d: nn.AdaptiveMaxPool1d, F.adaptive_max_pool2d: nn.AdaptiveMaxPool2d,
                    F.adaptive_max_pool3d: nn.AdaptiveMaxPool3d}
-ADD = {operator.add, operator.iadd, torch.add, 'add', 'add_', '__add__', '__radd__', '__iadd__'}
-SUB = {operator.sub, operator.isub, torch.sub, 'sub', 'sub_', '__sub__', '__isub__'}
-MUL = {operator.mul, operator.imul, torch.mul, 'mul', 'mul_', '__mul__', '__rmul__', '__imul__'}
-DIV = {operator.truediv, operator.itruediv, torch.div, 'div', 'div_', '__truediv__', '__itruediv__'}
-NEG = {operator.neg, torch.neg, 'neg', '__neg__'}
-INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.relu_, F.relu_, F.leaky_relu_, F.elu_, F.hardtanh_}
+SQUASH_MODULES = (nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Hardtanh, nn.ReLU6, nn.Softmax)
+INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.relu_, F.relu_, F.leaky_relu_, F.elu_,
+           F.hardtanh_, operator.setitem}
+
+def op_kind(n: fx.Node) -> str|None:
+    "The kind of a function or method call node (None: unknown)."
+    if n.op not in ('call_function', 'call_method'): return None
+    try: return OPS.get(n.target)
+    except TypeError: return None  # unhashable target
 
 def _inplace(n: fx.Node) -> bool:
     if n.target in INPLACE or n.kwargs.get('inplace') is True: return True
@@ -159,19 +290,22 @@ class LRPGraph(NamedTuple):
     "A model as LRP sees it: its traced graph with every functional op a module, and the BatchNorms folded."
     module: fx.GraphModule|None  # None: the model could not be traced (see `reason`)
     names: dict     # call_module target -> the name shown to the user (module path, or `path.op` for functional ops)
-    merged: dict    # linear module -> the BatchNorm folded into it
+    merged: dict    # linear module -> the BatchNorm (module or `BatchNormParams`) folded into it
     folded: dict    # BatchNorm name -> the name of the layer it is folded into
     unfolded: dict  # BatchNorm name -> why it could not be folded
     reason: str = ''  # why tracing failed
+    identity: tuple = ()  # modules of the graph the engine runs as the identity (BatchNorms folded into the layer before)
+    silent: frozenset = frozenset()  # call_module targets that receive no relevance (they compute gates, scales, normalisers)
 
 class _Tracer(fx.Tracer):
-    "torch.fx's tracer; modules given a rule by type or by name stay leaves too."
+    "torch.fx's tracer; modules given a rule by type or by name stay leaves too, unless they compute something else than their type."
     def __init__(self, leaf_types=(), leaf_names=()):
         super().__init__()
         self.leaf_types, self.leaf_names = tuple(leaf_types), set(leaf_names)
     def is_leaf_module(self, m, qualname):
-        if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)): return True
-        return super().is_leaf_module(m, qualname)
+        if qualname in self.leaf_names: return True
+        if self.leaf_types and isinstance(m, self.leaf_types) and (standard(m) or type(m) in self.leaf_types): return True
+        return super().is_leaf_module(m, qualname) and standard(m)
 
 def _where(n: fx.Node) -> str:
     "The module path in which node `n` was called."
@@ -193,11 +327,16 @@ def _display_names(graph: fx.Graph) -> dict:
             out[n] = base if k == 0 else f"{base}_{k}"
     return out
 
+NONPATH_METHODS = {'new_zeros', 'new_ones', 'new_empty', 'new_full', 'new_tensor'}
+NONPATH_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch._assert}
+
 def _relevance_path(graph: fx.Graph) -> set:
-    "The nodes whose value depends on the input through tensors (shape arithmetic excluded)."
+    "The nodes whose value depends on the model's input (its first argument) through tensors (shape arithmetic excluded)."
     path = set()
     for n in graph.nodes:
-        if n.op == 'placeholder': path.add(n); continue
+        if n.op == 'placeholder':
+            if not path: path.add(n)  # the other arguments are specialised to their defaults
+            continue
         if n.op not in ('call_module', 'call_function', 'call_method'): continue
         if not any(a in path for a in n.all_input_nodes): continue
         if n.op == 'call_method' and n.target in SHAPE_METHODS | NONPATH_METHODS: continue
@@ -206,26 +345,21 @@ def _relevance_path(graph: fx.Graph) -> set:
         path.add(n)
     return path
 
-NONPATH_METHODS = {'new_zeros', 'new_ones', 'new_empty', 'new_full', 'new_tensor'}
-NONPATH_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch._assert}
-
 def _fix_inplace(graph: fx.Graph, order: dict):
-    "fx records `x.relu_()` as a node but later uses of x still name x: point them at the mutated value."
+    "fx records `x.relu_()` (or `y[i] = v`) as a node but later uses of x still name x: point them at the mutated value."
     for n in list(graph.nodes):
         if n.op in ('call_function', 'call_method') and _inplace(n) and n.args and isinstance(n.args[0], fx.Node):
             m = n.args[0]
             for u in list(m.users):
                 if u is not n and order[u] > order[n]: u.replace_input_with(m, n)
 
-def _derives(b: fx.Node, a: fx.Node) -> bool:
-    "Is node b computed from node a?"
-    seen, todo = set(), [b]
+def _ancestors(n: fx.Node) -> set:
+    seen, todo = set(), [n]
     while todo:
-        n = todo.pop()
-        if n is a: return True
-        if n in seen: continue
-        seen.add(n); todo.extend(n.all_input_nodes)
-    return False
+        m = todo.pop()
+        if m in seen: continue
+        seen.add(m); todo.extend(m.all_input_nodes)
+    return seen
 
 def _lift(args, kwargs):
     "Replace the fx nodes in a call's arguments by `_Arg(i)`; return (args, kwargs, nodes)."
@@ -245,92 +379,38 @@ def _normalized(n: fx.Node) -> dict|None:
     except Exception: return None
     return None if r is None else dict(r.kwargs)
 
+def _concrete_args(model: nn.Module) -> dict:
+    "Every argument of `model.forward` after the input that has a default is traced with that default (`extra=None`)."
+    try: params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError): return {}
+    out = {}
+    for p in params[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD): continue
+        if p.default is not p.empty: out[p.name] = p.default
+    return out
+
 # %% ../nbs/08b_lrp_graph.ipynb #0c2fd501
 def _module_of(root: nn.Module, n: fx.Node): return root.get_submodule(n.target)
 
-def _bn_reason(root, nodes, names) -> tuple:
-    "(linear target, None) if the BatchNorm called at `nodes` can be folded into the layer before it, else (None, why)."
-    bn = _module_of(root, nodes[0])
-    if bn.running_mean is None: return None, "it keeps no running statistics (track_running_stats=False)"
-    ps = [n.args[0] if n.args else None for n in nodes]
-    for p in ps:
-        if not isinstance(p, fx.Node) or p.op != 'call_module' or not isinstance(_module_of(root, p), LINEAR_TYPES):
-            what = names.get(p, getattr(p, 'name', repr(p))) if isinstance(p, fx.Node) else repr(p)
-            return None, f"its input is `{what}`, not a convolution or linear layer"
-        if len(p.users) != 1: return None, f"the output of `{p.target}` is used elsewhere too"
-    targets = {p.target for p in ps}
-    if len(targets) != 1: return None, "it normalises the outputs of different layers"
-    (t,) = targets
-    calls = [n for n in nodes[0].graph.nodes if n.op == 'call_module' and n.target == t]
-    if len(calls) != len(ps): return None, f"`{t}` is also called without this BatchNorm after it"
-    lin = _module_of(root, ps[0])
-    if bn.num_features != (lin.out_features if isinstance(lin, nn.Linear) else lin.out_channels):
-        return None, f"it has {bn.num_features} channels, `{t}` has other"
-    return t, None
+def _squashed(root, n: fx.Node, path: set) -> bool:
+    "Is n (a factor of a product) the output of a bounded squashing function, up to data movement and constants (`relu6(x + 3) / 6`)?"
+    while True:
+        if n.op == 'call_module': return isinstance(_module_of(root, n), SQUASH_MODULES)
+        k = op_kind(n)
+        if k == 'squash': return True
+        if k == 'activation' and (n.target in (torch.clamp, torch.clip) or n.target in ('clamp', 'clip', 'clamp_', 'clip_')):
+            norm = _normalized(n) or {}
+            lo = norm.get('min', n.args[1] if len(n.args) > 1 else n.kwargs.get('min'))
+            hi = norm.get('max', n.args[2] if len(n.args) > 2 else n.kwargs.get('max'))
+            return lo is not None and hi is not None
+        ins = [a for a in n.all_input_nodes if a in path]
+        if len(ins) == 1 and k in ('move', 'add', 'sub', 'mul', 'div', 'neg'): n = ins[0]; continue
+        return False
 
-def trace(model: nn.Module, # the model (in eval mode: training-only branches are traced as in eval)
-          leaf_types: tuple = (), # module types that stay leaves (they have a rule of their own)
-          leaf_names: tuple = (), # module names and op names (`layer1.0.add`) that have a rule by name
-          fold_batchnorm: bool = True, # fold each BatchNorm that follows a conv/linear layer into it
-         ) -> LRPGraph:
-    "The model as a graph of modules: functional ops become `Op` modules, BatchNorms are folded; the model is not modified."
-    try: graph = _Tracer(leaf_types, leaf_names).trace(model)
-    except Exception as e:
-        return LRPGraph(None, {}, {}, {}, {}, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    _fix_inplace(graph, order)
-    names = _display_names(graph)
-    merged, folded, unfolded, bns = {}, {}, {}, {}
-    for n in graph.nodes:
-        if n.op == 'call_module' and isinstance(_module_of(model, n), BATCHNORM_TYPES): bns.setdefault(n.target, []).append(n)
-    for t, nodes in bns.items():  # a BatchNorm after a conv/linear used only there (at every call): fold
-        lin, reason = (None, "folding is switched off (no MergeBatchNorm canonizer)") if not fold_batchnorm else _bn_reason(model, nodes, names)
-        if reason: unfolded[t] = reason; continue
-        merged[model.get_submodule(lin)] = model.get_submodule(t)  # the engine computes the layer with merged parameters
-        folded[t] = lin                                            # and the BatchNorm as the identity
-    path = _relevance_path(graph)
-    ops, bad = {}, []
-    for n in list(graph.nodes):
-        if n not in path or n.op not in ('call_function', 'call_method'): continue
-        new = _rewrite(graph, n, path, names, set(leaf_names))
-        if new is None: continue
-        if new == 'bad': bad.append(n); continue
-        if isinstance(new, fx.Node):  # an identity in eval mode: removed
-            n.replace_all_uses_with(new); graph.erase_node(n); continue
-        module, inputs = new
-        target = f"lrp_{n.name}"
-        with graph.inserting_before(n): m = graph.call_module(target, tuple(inputs))
-        m.meta = n.meta
-        names[m] = names[n]
-        n.replace_all_uses_with(m); graph.erase_node(n)
-        ops[target] = module
-        path.add(m)
-    if bad:
-        lst = '; '.join(f"`{_fn_name(n.target)}` in `{_where(n) or '<model>'}` (node `{names[n]}`)" for n in bad)
-        raise UnsupportedOpError(
-            f"LRP has no rule for {lst}. Sums, products with a gate or a constant, concatenations, reshapes, means, pooling, "
-            f"activations and layer norms are known. If the op only moves data, add it to `lrp_graph.GRADIENT_FUNCTIONS` "
-            f"(or `GRADIENT_METHODS`); otherwise give it a rule by name, e.g. `EpsilonPlusFlat(name_map={{'{names[bad[0]]}': "
-            f"Norm()}})`, or wrap it in an nn.Module and give that a rule with `layer_map`.")
-    _flatten_sums(graph, ops)
-    root = {}
-    for n in graph.nodes:
-        if n.op == 'call_module': root[n.target] = ops[n.target] if n.target in ops else model.get_submodule(n.target)
-        elif n.op == 'get_attr': root[n.target] = _get_attr(model, n.target)
-    gm = fx.GraphModule(root, graph, class_name=f"LRP{type(model).__name__}")
-    gm.graph.eliminate_dead_code()  # e.g. the inner sums of a flattened sum, unused parameter reads
-    gm.recompile()
-    shown = {n.target: names.get(n, n.target) for n in graph.nodes if n.op == 'call_module'}
-    return LRPGraph(gm, shown, merged, folded, unfolded)
-
-def _get_attr(model, target):
-    obj = model
-    for p in target.split('.'): obj = getattr(obj, p)
-    return obj
-
-# %% ../nbs/08b_lrp_graph.ipynb #146d02c9
-def _is(n, fns: set) -> bool:
-    return n.target in fns if n.op == 'call_function' else (n.op == 'call_method' and n.target in fns)
+def _normalises(other: fx.Node, signal: fx.Node) -> bool:
+    "Is `other` (computed from `signal`) a normaliser of it: does a norm, std, var, rsqrt, ... lie between them?"
+    between = _ancestors(other) - _ancestors(signal)
+    return any(op_kind(n) == 'normaliser' for n in between)
 
 def _generic(cls, n, path, drop=()):
     "An `Op` of class cls for node n; its inputs are the node's fx-node arguments."
@@ -344,47 +424,246 @@ def _generic(cls, n, path, drop=()):
     if isinstance(fn, str) and fn.endswith('_') and not fn.endswith('__'): fn = fn[:-1]  # out of place
     return cls(fn, a, kw, tuple(i for i, x in enumerate(inputs) if x in path)), inputs
 
-def _rewrite(graph: fx.Graph, n: fx.Node, path: set, names: dict, leaf_names: set):
-    "What node n (a function or method call on the relevance path) becomes."
-    if _is(n, GRADIENT_FUNCTIONS | GRADIENT_METHODS): return None
-    if n.op == 'call_function' and n.target is F.pad:
-        norm = _normalized(n) or {}
-        if norm.get('mode', 'constant') == 'constant' and not norm.get('value'): return None
-        return 'bad'
+def _setitem(x, index, value):
+    "`x[index] = value`, out of place."
+    y = x.clone()
+    y[index] = value
+    return y
+
+def _on(a, path) -> bool: return isinstance(a, fx.Node) and a in path
+
+def _linear(n: fx.Node, path: set):
+    "A `Linear` op for a functional conv, `F.linear` or a product with a constant matrix; 'bad' otherwise."
+    if op_kind(n) == 'matmul':
+        a, b = n.args[0], n.args[1]
+        if _on(a, path) and not _on(b, path): return Linear('matmul', 1, label=_fn_name(n.target)), [a, b]
+        if _on(b, path) and not _on(a, path): return Linear('rmatmul', 1, label=_fn_name(n.target)), [b, a]
+        return _generic(Product, n, path)  # two tensors that carry relevance
+    norm = _normalized(n)
+    if norm is None:  # torch.conv2d and friends: read the documented signature
+        keys = ('input', 'weight', 'bias', 'stride', 'padding', 'dilation', 'groups')
+        if len(n.args) > len(keys) or any(k not in keys for k in n.kwargs): return 'bad'
+        norm = dict(zip(keys, n.args)) | dict(n.kwargs)
+    x, w, b = norm.pop('input', None), norm.pop('weight', None), norm.pop('bias', None)
+    if not _on(x, path) or _on(w, path) or _on(b, path) or not isinstance(w, fx.Node): return 'bad'
+    if any(isinstance(v, fx.Node) for v in norm.values()): return 'bad'
+    form = 'linear' if n.target is F.linear else f"conv{n.target.__name__[-2]}"
+    inputs = [x, w] + ([b] if isinstance(b, fx.Node) else [])
+    return Linear(form, 1, 2 if isinstance(b, fx.Node) else None, norm, label=_fn_name(n.target)), inputs
+
+def _rewrite(root, n: fx.Node, path: set, names: dict, leaf_names: set):
+    "What node n (a function or method call on the relevance path) becomes: None (kept: its gradient), a node (removed: the identity), (module, inputs), or 'bad'."
     if names[n] in leaf_names: return _generic(Op, n, path)  # a rule given to this op by name
-    if _is(n, IDENTITY_FUNCTIONS):
+    if n.op == 'call_function' and n.target is getattr: return None
+    if n.op == 'call_function' and n.target is operator.setitem:
+        a, kw, inputs = _lift(n.args, n.kwargs)
+        return Move(_setitem, a, kw, tuple(i for i, x in enumerate(inputs) if x in path)), inputs
+    k = op_kind(n)
+    if k == 'move': return None
+    if k == 'identity':
         norm = _normalized(n) or {}
         if norm.get('training', False): return 'bad'  # dropout traced in training mode
         return n.args[0]
-    if _is(n, {torch.cat, torch.concat, torch.concatenate, 'cat'}): return _generic(Concat, n, path)
-    on = [isinstance(a, fx.Node) and a in path for a in n.args[:2]]
-    if _is(n, ADD | SUB):
+    if k == 'cat': return _generic(Concat, n, path)
+    on = [_on(a, path) for a in n.args[:2]]
+    if k in ('add', 'sub'):
         alpha = n.kwargs.get('alpha', 1)
         if len(n.args) >= 2 and all(on):
-            sign = -1 if _is(n, SUB) else 1
+            sign = -1 if k == 'sub' else 1
             return Sum((1, sign * alpha), label=_fn_name(n.target)), [n.args[0], n.args[1]]
         return _generic(Constant, n, path)
-    if _is(n, MUL):
+    if k == 'mul':
         if len(n.args) >= 2 and all(on):
             a, b = n.args[0], n.args[1]
-            da, db = _derives(a, b), _derives(b, a)
-            if da == db: return 'bad'  # x * x, or two factors neither of which is computed from the other
-            return Gate(0 if db else 1, label=_fn_name(n.target)), [a, b]
+            if a is not b:
+                b_from_a, a_from_b = a in _ancestors(b), b in _ancestors(a)
+                if b_from_a != a_from_b:  # one factor is computed from the other (the signal)
+                    signal, other, i = (a, b, 0) if b_from_a else (b, a, 1)
+                    if _squashed(root, other, path): return Gate(i, label=_fn_name(n.target)), [a, b]
+                    if _normalises(other, signal): return Normalization(n.target, (_Arg(0), _Arg(1)), {}, (i,)), [a, b]
+            return Product(n.target, (_Arg(0), _Arg(1)), {}, (0, 1)), [a, b]
         return _generic(Constant, n, path)
-    if _is(n, DIV):
+    if k == 'div':
         if len(n.args) >= 2 and on[0] and not on[1]: return _generic(Constant, n, path)
+        if len(n.args) >= 2 and all(on) and n.args[0] in _ancestors(n.args[1]):  # x / f(x): f(x) normalises x
+            return Normalization(n.target, (_Arg(0), _Arg(1)), {}, (0,)), [n.args[0], n.args[1]]
         return 'bad'
-    if _is(n, NEG): return _generic(Constant, n, path)
-    if _is(n, ACTIVATION_FUNCTIONS | ACTIVATION_METHODS): return _generic(Activation, n, path, drop=('inplace',))
-    if _is(n, POOL_FUNCTIONS | POOL_METHODS): return _generic(Pool, n, path)
-    if n.op == 'call_function' and n.target in MAXPOOL_MODULES:
+    if k == 'neg': return _generic(Constant, n, path)
+    if k == 'addcmul':
+        m, inputs = _generic(Constant, n, path)
+        return (m, inputs) if len(m.path) == 1 else 'bad'
+    if k in ('linear', 'matmul'): return _linear(n, path)
+    if k == 'batchnorm':
+        norm = _normalized(n)
+        if norm is None or norm.get('training') or norm.get('running_mean') is None or norm.get('running_var') is None: return 'bad'
+        x = norm['input']
+        ts = [norm.get(t) for t in ('running_mean', 'running_var', 'weight', 'bias')]
+        if not _on(x, path) or any(_on(t, path) or (t is not None and not isinstance(t, fx.Node)) for t in ts): return 'bad'
+        return BatchNorm(norm.get('eps', 1e-5), [t is not None for t in ts]), [x] + [t for t in ts if t is not None]
+    if k == 'activation': return _generic(Activation, n, path, drop=('inplace',))
+    if k == 'squash':
+        if n.target in (F.softmax, torch.softmax, 'softmax'): return 'bad'  # not element-wise: no rule unless it receives none
+        return _generic(Activation, n, path, drop=('inplace',))
+    if k == 'pool': return _generic(Pool, n, path)
+    if k == 'maxpool':
         norm = _normalized(n)
         if norm is None or isinstance(norm.get('kernel_size', norm.get('output_size')), fx.Node): return 'bad'
         x = norm.pop('input')
         if norm.pop('return_indices', False): return 'bad'
         return MAXPOOL_MODULES[n.target](**norm), [x]
-    if n.op == 'call_function' and n.target is F.layer_norm: return _generic(Normalization, n, path)
-    return 'bad'
+    if k == 'norm':
+        m, inputs = _generic(Normalization, n, path)
+        return (m, inputs) if len(m.path) == 1 else 'bad'
+    return 'bad'  # unknown, or a normaliser that would receive relevance
+
+def _receiving(graph: fx.Graph, path: set, decisions: dict) -> set:
+    "The nodes that receive relevance: backwards from the output, along the inputs each op's rule sends relevance to."
+    out = next(n for n in graph.nodes if n.op == 'output')
+    todo, seen = [a for a in out.all_input_nodes if a in path], set()
+    while todo:
+        n = todo.pop()
+        if n in seen: continue
+        seen.add(n)
+        d = decisions.get(n)
+        if isinstance(d, tuple): nxt = [d[1][i] for i in d[0].path] if isinstance(d[0], Op) else d[1]
+        elif isinstance(d, fx.Node): nxt = [d]
+        else: nxt = n.all_input_nodes
+        todo.extend(a for a in nxt if a in path)
+    return seen
+
+class _BN(NamedTuple):
+    "A batch norm call in the graph: a module's, or a `BatchNorm` op's."
+    node: fx.Node
+    module: nn.Module
+
+def _fold(root, gm_modules: dict, graph: fx.Graph, names: dict, receiving: set):
+    "Fold every batch norm (module or functional) whose input is a linear layer or `Linear` op used only there."
+    merged, folded, unfolded, identity = {}, {}, {}, []
+    calls = {}
+    for n in graph.nodes:
+        if n.op == 'call_module': calls.setdefault(n.target, []).append(n)
+    for t, nodes in calls.items():
+        bn = gm_modules[t]
+        if not ((isinstance(bn, BATCHNORM_TYPES) and standard(bn)) or isinstance(bn, BatchNorm)): continue
+        if not any(n in receiving for n in nodes): continue  # computes a gate or a scale: no relevance, nothing to fold
+        lin, why = None, None
+        if isinstance(bn, BATCHNORM_TYPES) and bn.running_mean is None: why = "it keeps no running statistics (track_running_stats=False)"
+        ps = [n.args[0] if n.args else None for n in nodes]
+        for p in ps:
+            if why: break
+            if not isinstance(p, fx.Node) or p.op != 'call_module':
+                what = names.get(p, getattr(p, 'name', repr(p))) if isinstance(p, fx.Node) else repr(p)
+                why = f"its input is `{what}`, not a convolution or linear layer"; break
+            pm = gm_modules[p.target]
+            if not ((isinstance(pm, LINEAR_TYPES) and standard(pm)) or (isinstance(pm, Linear) and pm.form in ('linear', 'conv1d', 'conv2d', 'conv3d') and pm.bn is None)):
+                why = f"its input is `{names.get(p, p.target)}`, not a convolution or linear layer"; break
+            if len(p.users) != 1: why = f"the output of `{names.get(p, p.target)}` is used elsewhere too"; break
+        if not why:
+            targets = {p.target for p in ps}
+            if len(targets) != 1: why = "it normalises the outputs of different layers"
+            else:
+                (lt,) = targets
+                lin = gm_modules[lt]
+                if len(calls[lt]) != len(ps): why = f"`{names.get(ps[0], lt)}` is also called without this BatchNorm after it"
+                elif isinstance(lin, LINEAR_TYPES):
+                    out_ch = lin.out_features if isinstance(lin, nn.Linear) else lin.out_channels
+                    feats = bn.num_features if isinstance(bn, BATCHNORM_TYPES) else None
+                    if feats is not None and feats != out_ch: why = f"it has {feats} channels, `{lt}` has other"
+                    if isinstance(bn, BatchNorm) and not why:
+                        ts = nodes[0].args[1:]
+                        if any(a.op != 'get_attr' for a in ts): why = "its statistics are computed in the forward, not parameters"
+        name = names.get(nodes[0], t)
+        if why: unfolded[name] = why; continue
+        if isinstance(lin, Linear):  # the op computes its weights with the batch norm's tensors, given as extra inputs
+            p = ps[0]
+            if isinstance(bn, BatchNorm): ts = list(nodes[0].args[1:]); present = bn.present; eps = bn.eps
+            else:
+                with graph.inserting_before(p):
+                    ts = [graph.get_attr(f"{t}.{a}") for a in ('running_mean', 'running_var', 'weight', 'bias') if getattr(bn, a) is not None]
+                present, eps = [getattr(bn, a) is not None for a in ('running_mean', 'running_var', 'weight', 'bias')], bn.eps
+            k = len(p.args)
+            it = iter(range(k, k + len(ts)))
+            lin.fold([next(it) if q else None for q in present], eps)
+            p.args = tuple(p.args) + tuple(ts)
+        elif isinstance(bn, BatchNorm):
+            vals = [_get_attr(root, a.target) for a in nodes[0].args[1:]]
+            it = iter(vals)
+            m_, v_, w_, b_ = [next(it) if q else None for q in bn.present]
+            merged[lin] = BatchNormParams(m_, v_, w_, b_, bn.eps)
+        else: merged[lin] = bn
+        folded[name] = names.get(ps[0], ps[0].target)
+        identity.append(bn)
+    return merged, folded, unfolded, tuple(identity)
+
+def trace(model: nn.Module, # the model (in eval mode: training-only branches are traced as in eval)
+          leaf_types: tuple = (), # module types that stay leaves (they have a rule of their own)
+          leaf_names: tuple = (), # module names and op names (`layer1.0.add`) that have a rule by name
+          fold_batchnorm: bool = True, # fold each BatchNorm that follows a conv/linear layer into it
+         ) -> LRPGraph:
+    "The model as a graph of modules: functional ops become `Op` modules, BatchNorms are folded; the model is not modified."
+    try: graph = _Tracer(leaf_types, leaf_names).trace(model, concrete_args=_concrete_args(model) or None)
+    except Exception as e:
+        return LRPGraph(None, {}, {}, {}, {}, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    _fix_inplace(graph, order)
+    names = _display_names(graph)
+    path = _relevance_path(graph)
+    leaf_names = set(leaf_names)
+    decisions = {n: _rewrite(model, n, path, names, leaf_names) for n in graph.nodes
+                 if n in path and n.op in ('call_function', 'call_method')}
+    receiving = _receiving(graph, path, decisions)
+    bad = [n for n, d in decisions.items() if isinstance(d, str) and n in receiving]
+    if bad:
+        lst = '; '.join(f"`{_fn_name(n.target)}` in `{_where(n) or '<model>'}` (node `{names[n]}`)" for n in bad)
+        raise UnsupportedOpError(
+            f"LRP has no rule for {lst}: relevance reaches it, and its gradient would not be the right flow. Known: data "
+            f"movement, sums, products (gates, normalisations, two branches), ops with constants, linear maps (functional convs, "
+            f"`F.linear`, batch norms, pools, interpolation), activations and normalisations. If the op only moves data, "
+            f"`lrp_graph.register_op({_fn_name(bad[0].target).split('.')[-1]}, 'move')` (see `OP_KINDS` for the other kinds); "
+            f"or give it a rule by name, e.g. `EpsilonPlusFlat(name_map={{'{names[bad[0]]}': Pass()}})`, or wrap it in an "
+            f"nn.Module and give that a rule with `layer_map`.")
+    ops, new = {}, {}
+    now = lambda a: now(new[a]) if a in new else a  # a node's replacement (the decisions name the nodes of the trace)
+    for n, d in decisions.items():
+        if d is None or isinstance(d, str): continue
+        if isinstance(d, fx.Node):  # an identity in eval mode: removed
+            new[n] = now(d); n.replace_all_uses_with(new[n]); graph.erase_node(n); continue
+        if n not in receiving: continue  # computes a gate, a scale or a normaliser: no rule needed, computed as written
+        module, inputs = d[0], [now(a) for a in d[1]]
+        target = f"lrp_{n.name}"
+        with graph.inserting_before(n): m = graph.call_module(target, tuple(inputs))
+        m.meta = n.meta
+        names[m] = names[n]
+        n.replace_all_uses_with(m); graph.erase_node(n)
+        new[n] = m
+        ops[target] = module
+        receiving.add(m)
+    _flatten_sums(graph, ops)
+    gm_modules = {n.target: (ops[n.target] if n.target in ops else model.get_submodule(n.target))
+                  for n in graph.nodes if n.op == 'call_module'}
+    if fold_batchnorm: merged, folded, unfolded, identity = _fold(model, gm_modules, graph, names, receiving)
+    else:
+        merged, folded, identity = {}, {}, ()
+        unfolded = {names.get(n, n.target): "folding is switched off" for n in graph.nodes if n.op == 'call_module'
+                    and ((isinstance(gm_modules[n.target], BATCHNORM_TYPES) and standard(gm_modules[n.target])) or isinstance(gm_modules[n.target], BatchNorm))}
+    root = {}
+    for n in graph.nodes:
+        if n.op == 'call_module': root[n.target] = gm_modules[n.target]
+        elif n.op == 'get_attr': root[n.target] = _get_attr(model, n.target)
+    gm = fx.GraphModule(root, graph, class_name=f"LRP{type(model).__name__}")
+    gm.graph.eliminate_dead_code()  # e.g. the inner sums of a flattened sum, unused parameter reads
+    gm.recompile()
+    shown = {n.target: names.get(n, n.target) for n in gm.graph.nodes if n.op == 'call_module'}
+    calls = {}
+    for n in gm.graph.nodes:
+        if n.op == 'call_module': calls.setdefault(n.target, []).append(n in receiving)
+    silent = frozenset(t for t, r in calls.items() if not any(r))
+    return LRPGraph(gm, shown, merged, folded, unfolded, '', identity, silent)
+
+def _get_attr(model, target):
+    obj = model
+    for p in target.split('.'): obj = getattr(obj, p)
+    return obj
 
 # %% ../nbs/08b_lrp_graph.ipynb #677b42e8
 def _flatten_sums(graph: fx.Graph, ops: dict):

@@ -15,7 +15,7 @@ from .lrp_graph import Sum
 # %% auto #0
 __all__ = ['relevance_filter', 'LRPContext', 'redistribute', 'redistribute_graph', 'Rule', 'Epsilon', 'LRP0', 'ZPlus',
            'AlphaBeta', 'Alpha1Beta0', 'Alpha2Beta1', 'Gamma', 'ZBox', 'Flat', 'WSquare', 'Pass', 'SignalTakesAll',
-           'Norm', 'MaxPoolAsAvg', 'OnesInput']
+           'Norm', 'UniformProduct', 'MaxPoolAsAvg', 'OnesInput']
 
 # %% ../nbs/08d_lrp_rules.ipynb #8b902fff
 def _check_top_k(top_k):
@@ -261,6 +261,16 @@ class Norm(Rule):
     def relevance(self, ctx, r):
         if isinstance(ctx.module, Sum): return _sum_relevance(ctx.module, ctx.x, r, self.stabilizer)
         return redistribute(ctx.fn, [(ctx.x, None, None)], r, self.stabilizer, ctx.k)
+
+class UniformProduct(Rule):
+    "A product of n factors that all carry relevance: each gets 1/n of the z-rule, R_k = x_k dy/dx_k R / (n stab(y)) (AttnLRP, Prop. 3.2)."
+    needs_params = False
+    def __init__(self, stabilizer: float = 1e-6): self.stabilizer = _check_eps('stabilizer', stabilizer)
+    def relevance(self, ctx, r):
+        xs = [x.detach().requires_grad_(True) for x in ctx.x]
+        with torch.enable_grad(): y = type(ctx.module).forward(ctx.module, *xs)  # the op itself, not the engine's override
+        grads = torch.autograd.grad(y, xs, stabilized_div(r, y.detach(), self.stabilizer))
+        return tuple(x.detach() * g / len(xs) for x, g in zip(xs, grads))
 
 _MAXPOOL_AS_AVG = {nn.MaxPool1d: F.avg_pool1d, nn.MaxPool2d: F.avg_pool2d, nn.MaxPool3d: F.avg_pool3d}
 
