@@ -33,7 +33,7 @@ __all__ = ['USER_ERRORS', 'fraction', 'positive', 'valid_ratio', 'target_arg', '
            'torchvision_preprocessing', 'load_imagenet_image', 'load_state_dict_file', 'torchvision_model',
            'imagenet_composite', 'top_classes', 'cmd_train', 'cmd_test', 'cmd_explain', 'cmd_explain_torchvision',
            'cmd_demo', 'platform_lines', 'cmd_info', 'cmd_explain_dataset', 'make_parser', 'launch_command', 'launched',
-           'main']
+           'k_list', 'cmd_spray', 'main']
 
 # %% ../nbs/14_cli.ipynb #48d81e86
 class CLIError(Exception):
@@ -741,6 +741,7 @@ def make_parser() -> argparse.ArgumentParser:
     _torchvision_args(p); _lrp_args(p); _data_args(p, train=False); _common_args(p); p.set_defaults(func=cmd_explain)
     _explain_dataset_parser(sub)
     _add_info_command(sub)
+    _spray_parser(sub)
     return parser
 
 # %% ../nbs/14_cli.ipynb #4ee7a550
@@ -800,6 +801,68 @@ def launched(cmd: Callable) -> Callable:
 
 cmd_train_launch = launched(cmd_train)  # lrp-scratch train
 
+
+# %% ../nbs/14_cli.ipynb #b7f2d4e6
+def k_list(s: str) -> tuple[int, ...]:
+    "argparse type: whole numbers >= 2, separated by commas (`2,3,4`)."
+    try: ks = tuple(int(v) for v in s.split(','))
+    except ValueError: ks = ()
+    if not ks or min(ks) < 2: raise argparse.ArgumentTypeError(f"expected whole numbers >= 2 separated by commas (e.g. 2,3,4), got {s!r}")
+    return ks
+
+def cmd_spray(args) -> int:
+    "lrp-scratch spray: SpRAy on every class of a relevance store (or --label): report figures and a ViRelAy project in --out."
+    from lrp_scratch.relevance_store import RelevanceStore, StoreError, read_manifest  # (imported when used)
+    from lrp_scratch.spray import check_virelay_inputs, export_virelay
+    store_dir = Path(args.store)
+    if not store_dir.is_dir(): raise CLIError(f"{args.store} is not a folder: give the folder of a relevance store (written by lrp-scratch explain-dataset --out DIR)")
+    try:
+        manifest = read_manifest(store_dir)
+        ds_info = manifest['dataset']
+        if int(manifest.get('count', 0)) == 0: raise CLIError(f"{args.store} is an empty relevance store (0 items): explain some images into it first")
+        store = RelevanceStore(store_dir)
+    except StoreError as e: raise CLIError(str(e)) from None
+    if ds_info.get('name') in DATASETS and ds_info['name'] != args.dataset:
+        raise CLIError(f"{args.store} explained {ds_info['name']} images, not {args.dataset}: give --dataset {ds_info['name']} and the other data options given to explain-dataset")
+    data = load_datasets(args.dataset, args.root, args.n_train, args.n_test, args.seed, not args.no_download, args.mnist_test_only, only_test=args.split == 'test')
+    ds = data if args.split == 'test' else data[0]
+    try: labels, ks = check_virelay_inputs(store, ds, args.label, args.clusters, args.by, args.neighbors, args.eigenvalues)  # before any work
+    except StoreError as e: raise CLIError(str(e)) from None
+    t0 = time.perf_counter()
+    vp = export_virelay(store, ds, _out_dir(args.out), labels, ks, by=args.by, size=args.size, n_neighbors=args.neighbors,
+                        n_eigval=args.eigenvalues, embedding=args.embedding, absolute=args.absolute)
+    print(f"SpRAy of {len(labels)} class{'es' * (len(labels) != 1)} of {_rel(store_dir)} ({len(store):,} maps, by {args.by}) in {time.perf_counter() - t0:.1f} s:")
+    for c, r in vp.results.items():
+        print(f"  class {c}: {_plural(len(r.index), 'map')}, {_plural(r.n_clusters, 'cluster')} (eigengap) of sizes "
+              f"{', '.join(str(cl.size) for cl in r.clusters)}; figure {_rel(vp.figures[labels.index(c)])}")
+    print(f"  ViRelAy project: {_rel(vp.project)} (clusterings: selected, {', '.join(f'kmeans-{k:02d}' for k in ks)}); "
+          f"open it with: python -m virelay {_rel(vp.project)}")
+    return 0
+
+def _spray_parser(sub):
+    p = sub.add_parser('spray', help='SpRAy on the classes of a relevance store: report figures and a ViRelAy project',
+                       description='Spectral relevance analysis (SpRAy) of every class of a relevance store written by explain-dataset (or of '
+                                   'the classes given with --label): per class its report figure, and a complete ViRelAy project in '
+                                   'DIR/virelay (project.yaml, label map, images, attributions, analyses). Give the data options given to '
+                                   'explain-dataset: the images are rebuilt and checked against the store.')
+    p.add_argument('store', help='the folder of a relevance store (lrp-scratch explain-dataset --out DIR)')
+    p.add_argument('--out', required=True, metavar='DIR', help='output folder (created): the figures, and the ViRelAy project in DIR/virelay')
+    p.add_argument('--split', type=choice(('test', 'train'), 'split'), default='test', metavar='{test,train}', help='the split the store explained (default: %(default)s)')
+    g = p.add_argument_group('SpRAy')
+    g.add_argument('--label', type=non_negative_int, action='append', metavar='L', help='a class to analyse (repeatable; default: every class in the store)')
+    g.add_argument('--by', type=choice(('label', 'prediction', 'target'), 'by'), default='label', metavar='{label,prediction,target}',
+                   help="which items make a class: their label, the model's prediction or the explained target (default: %(default)s)")
+    g.add_argument('--clusters', type=k_list, default=(2, 3, 4, 5, 6, 7, 8), metavar='K,K,...',
+                   help='the k-means clusterings every class gets in ViRelAy, besides the eigengap\'s choice (default: 2,...,8)')
+    g.add_argument('--size', type=positive_int, default=8, metavar='N', help='maps are sum-pooled to NxN (any map size; default: %(default)s)')
+    g.add_argument('--neighbors', type=positive_int, default=10, metavar='N', help='k of the nearest-neighbour graph (default: %(default)s)')
+    g.add_argument('--eigenvalues', type=positive_int, default=32, metavar='N', help='eigenvalues computed per class (default: %(default)s)')
+    g.add_argument('--embedding', type=choice(('tsne', 'spectral'), 'embedding'), default='tsne', metavar='{tsne,spectral}',
+                   help='the 2-D view: t-SNE of the spectral embedding, or eigenvectors 2 and 3 (default: %(default)s)')
+    g.add_argument('--absolute', action='store_true', help='cluster |R| instead of R')
+    _data_args(p)
+    p.add_argument('--debug', action='store_true', help='show the full traceback of errors')
+    p.set_defaults(func=cmd_spray)
 
 # %% ../nbs/14_cli.ipynb #d1b25c5d
 def main(argv: Sequence[str]|None = None, # the arguments (default: sys.argv[1:])

@@ -4,19 +4,22 @@
 
 # %% ../nbs/16_spray.ipynb #c9c2607a
 from __future__ import annotations
-import math, warnings
+import json, math, warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 import numpy as np
 import torch
 import matplotlib.pyplot as plt
 from .core import atomic_write
-from .relevance_store import RelevanceStore, require
+from .relevance_store import RelevanceStore, StoreError, dataset_fingerprint, load_batch, read_manifest, require
 from .visualization import relevance_to_rgb
 
 # %% auto #0
-__all__ = ['pool_maps', 'normalize_maps', 'knn_affinity', 'normalized_laplacian', 'spectral_embedding', 'eigengap',
-           'SprayCluster', 'SprayResult', 'spray', 'plot_spray', 'analysis_to_hdf5', 'mark_digits']
+__all__ = ['VIRELAY_KS', 'pool_edges', 'pool_maps', 'normalize_maps', 'knn_affinity', 'normalized_laplacian',
+           'spectral_embedding', 'eigengap', 'SprayCluster', 'SprayResult', 'spectral_kmeans', 'spray', 'plot_spray',
+           'category_name', 'check_ks', 'analysis_to_hdf5', 'image_normalization', 'display_images', 'label_map',
+           'project_yaml', 'dataset_to_hdf5', 'VirelayProject', 'check_virelay_inputs', 'export_virelay', 'mark_digits']
 
 # %% ../nbs/16_spray.ipynb #c0c28d80
 def _size(size) -> tuple[int, int]:
@@ -25,19 +28,28 @@ def _size(size) -> tuple[int, int]:
         raise ValueError(f"size must be an int >= 1 or a pair (height, width) of them, got {size!r}")
     return int(s[0]), int(s[1])
 
+def pool_edges(n: int, # pixels along the axis (H or W)
+               k: int, # bins (h or w), at most n
+              ) -> np.ndarray:
+    "The `k + 1` bin edges `floor(i * n / k)`: bin `i` is pixels `edges[i]:edges[i+1]`; they tile `0..n` and differ in length by at most 1."
+    if not 1 <= k <= n: raise ValueError(f"cannot cut {n} pixels into {k} bins: the pooled size must be from 1 to the map size")
+    return np.arange(k + 1) * n // k
+
 def pool_maps(maps, # relevance (n, H, W), or (n, C, H, W) (summed over channels first)
-              size: int|tuple = 8, # the pooled (height, width); H and W must be multiples of it
+              size: int|tuple = 8, # the pooled (height, width), at most (H, W); uneven sizes get bins of uneven length
              ) -> np.ndarray:
-    "Sum pooling of relevance maps to `size`: every output value is the total relevance of its block, (n, h, w) float64."
+    "Sum pooling of relevance maps of any size to `size`: every output value is the total relevance of its block (bins from `pool_edges`), (n, h, w) float64."
     a = np.asarray(maps, dtype=np.float64)
     if a.ndim == 4: a = a.sum(1)
     if a.ndim != 3: raise ValueError(f"maps must be (n, H, W) or (n, C, H, W), got shape {a.shape}")
     h, w = _size(size)
     n, H, W = a.shape
-    if H % h or W % w:
-        raise ValueError(f"maps of {H}x{W} cannot be sum-pooled to {h}x{w}: the size must divide the map (e.g. "
-                         f"{', '.join(str(d) for d in range(1, H + 1) if H % d == 0 and W % d == 0)})")
-    return a.reshape(n, h, H // h, w, W // w).sum((2, 4))
+    if h > H or w > W:
+        raise ValueError(f"maps of {H}x{W} cannot be sum-pooled to {h}x{w}: the pooled size must be at most the map's (give size={min(h, H)}, "
+                         f"{min(w, W)} or smaller)")
+    if n == 0: return np.zeros((0, h, w))
+    rows = np.add.reduceat(a, pool_edges(H, h)[:-1], axis=1)
+    return np.add.reduceat(rows, pool_edges(W, w)[:-1], axis=2)
 
 def normalize_maps(x: np.ndarray, # maps, (n, ...)
                    how: str|None = 'l1', # 'l1': divide by the sum of |R|; 'max': by max |R|; None: as they are
@@ -149,6 +161,19 @@ class SprayResult:
                 f"eigenvalues {lam}, ...; eigengap says {self.eigengap_clusters})")
 
 # %% ../nbs/16_spray.ipynb #0eaf9596
+def spectral_kmeans(eigenvectors: np.ndarray, # the spectral embedding (n, m), eigenvalues ascending
+                    k: int, # clusters, at most m
+                    seed: int = 0, # k-means' seed
+                   ) -> np.ndarray:
+    "k-means on the first `k` eigenvectors, rows normalised (Ng, Jordan and Weiss); clusters numbered by size, largest first (n,) int64."
+    n = len(eigenvectors)
+    if k == 1: return np.zeros(n, dtype=np.int64)
+    cluster = require('sklearn.cluster', 'SpRAy', pip_name='scikit-learn')
+    u = eigenvectors[:, :k] / np.maximum(np.linalg.norm(eigenvectors[:, :k], axis=1, keepdims=True), 1e-300)
+    assign = cluster.KMeans(k, n_init=10, random_state=seed).fit_predict(u)
+    rank = np.argsort(-np.bincount(assign, minlength=k), kind='stable')  # renumber: largest first
+    return np.argsort(rank)[assign].astype(np.int64)
+
 def _class_maps(store, label, by):
     if isinstance(store, RelevanceStore):
         if label is None: raise ValueError(f"give the class to analyse: spray(store, label=c) with c one of {store.classes(by)}")
@@ -176,7 +201,6 @@ def spray(store, # a RelevanceStore, or relevance maps (n, H, W) / (n, C, H, W)
           seed: int = 0, # seeds eigsh's start vector, k-means and t-SNE
          ) -> SprayResult:
     "Spectral relevance analysis of one class: spectrum, eigengap, k-means clusters, a 2-D view and per-cluster mean heatmaps."
-    cluster = require('sklearn.cluster', 'SpRAy', pip_name='scikit-learn')
     if embedding not in ('spectral', 'tsne'): raise ValueError(f"embedding must be 'spectral' or 'tsne', got {embedding!r}")
     pos, index, maps = _class_maps(store, label, by)
     maps = maps.sum(1) if maps.ndim == 4 else maps
@@ -190,13 +214,7 @@ def spray(store, # a RelevanceStore, or relevance maps (n, H, W) / (n, C, H, W)
     lam, vec = spectral_embedding(aff, min(int(n_eigval), n), seed)
     gap = eigengap(lam, max_clusters, gap_threshold)
     k = gap if n_clusters is None else int(n_clusters)
-    if k == 1: assign = np.zeros(n, dtype=np.int64)
-    else:
-        u = vec[:, :k] / np.maximum(np.linalg.norm(vec[:, :k], axis=1, keepdims=True), 1e-300)
-        assign = cluster.KMeans(k, n_init=10, random_state=seed).fit_predict(u)
-    sizes = np.bincount(assign, minlength=k)
-    rank = np.argsort(-sizes, kind='stable')  # renumber: largest first
-    assign = np.argsort(rank)[assign]
+    assign = spectral_kmeans(vec, k, seed)
     if embedding == 'spectral': view = vec[:, 1:3] if vec.shape[1] >= 3 else np.pad(vec[:, 1:], ((0, 0), (0, 3 - vec.shape[1])))
     else:
         manifold = require('sklearn.manifold', 't-SNE', pip_name='scikit-learn')
@@ -250,30 +268,229 @@ def plot_spray(result: SprayResult, # what `spray` returned
     return fig
 
 # %% ../nbs/16_spray.ipynb #37df026f
+VIRELAY_KS = (2, 3, 4, 5, 6, 7, 8)  # the k-means clusterings every class gets in a ViRelAy analysis file
+
+def category_name(label: int|None) -> str:
+    "A class's name in ViRelAy's files: its number in 8 digits (CoRelAy's name for a class without a WordNet id); 'all' for maps without a class."
+    return 'all' if label is None else f"{int(label):08d}"
+
+def check_ks(ks: Sequence[int], # the shared numbers of clusters
+             sizes: dict, # class -> its number of maps
+             n_eigval: int|None = None, # eigenvectors available per class
+            ) -> tuple[int, ...]:
+    "`ks` sorted, or a ValueError naming the class too small for the largest k."
+    ks = [ks] if isinstance(ks, (int, np.integer)) else list(ks)
+    if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2 for k in ks):
+        raise ValueError(f"ks must be whole numbers >= 2 (the k of each k-means clustering), got {ks!r}")
+    ks = tuple(sorted(set(int(k) for k in ks)))
+    small = {c: n for c, n in sizes.items() if n < ks[-1]}
+    if small:
+        c, n = min(small.items(), key=lambda t: t[1])
+        raise ValueError(f"class {c} has {n} maps, fewer than the largest k={ks[-1]} of the clusterings every class gets "
+                         f"({', '.join(map(str, ks))}): give ks up to {n}, or leave that class out")
+    if n_eigval is not None and ks[-1] > n_eigval:
+        raise ValueError(f"k={ks[-1]} needs {ks[-1]} eigenvectors, but only {n_eigval} are computed: give n_eigval >= {ks[-1]} or smaller ks")
+    return ks
+
 def analysis_to_hdf5(results: SprayResult|Sequence[SprayResult], # one result per class
                      path, # the .h5 file to write
-                    ):
-    "Write SpRAy results as a ViRelAy analysis file (one group per class); returns the path."
+                     ks: Sequence[int] = VIRELAY_KS, # the k-means clusterings every class gets (besides `selected`)
+                    ) -> Path:
+    "Write SpRAy results as a ViRelAy analysis file (one group per class, the same clusterings in each); returns the path."
     h5py = require('h5py', 'analysis_to_hdf5')
     results = [results] if isinstance(results, SprayResult) else list(results)
-    names = [str(r.label) if r.label is not None else 'all' for r in results]
+    names = [category_name(r.label) for r in results]
     if len(set(names)) != len(names): raise ValueError(f"one result per class: got classes {names}")
+    ks = check_ks(ks, {r.label: len(r.index) for r in results}, min(r.eigenvectors.shape[1] for r in results))
+    kmeans = [{k: spectral_kmeans(r.eigenvectors, k, r.params.get('seed', 0)) for k in ks} for r in results]  # before the file is opened
     def write(f):  # h5py writes the temporary file of atomic_write by its name
         with h5py.File(f.name, 'w') as h:
-            for name, r in zip(names, results):
+            for name, r, km in zip(names, results, kmeans):
                 g = h.create_group(name)
-                g.attrs['name'] = f"SpRAy of class {name}"
+                g.attrs['name'] = f"SpRAy of class {r.label}" if r.label is not None else 'SpRAy'
                 g.create_dataset('index', data=r.index.astype(np.uint32))
-                e = g.create_group('embedding')
-                spec = e.create_dataset('spectral', data=r.eigenvectors.astype(np.float32))
-                spec.attrs['eigenvalue'] = r.eigenvalues.astype(np.float32)
+                m = r.eigenvectors.shape[1]
+                stored = lambda j: m - 1 - j  # the column of eigenvector j (ascending) once reversed
+                e = g.create_group('embedding', track_order=True)  # ViRelAy opens the first embedding it lists
                 view = e.create_dataset('tsne' if r.embedding_method == 'tsne' else 'spectral-2d', data=r.embedding.astype(np.float32))
                 view.attrs['embedding'] = 'spectral'
-                if r.embedding_method == 'spectral': view.attrs['index'] = np.array([1, 2], dtype=np.uint32)
-                c = g.create_group('cluster').create_dataset(f'kmeans-{r.n_clusters}', data=r.assignment.astype(np.uint32))
-                c.attrs['#clusters'] = r.n_clusters
+                view.attrs['index'] = np.array([stored(j) for j in ((1, 2) if r.embedding_method == 'spectral' else range(m)) if j < m], dtype=np.uint32)
+                spec = e.create_dataset('spectral', data=r.eigenvectors[:, ::-1].astype(np.float32))
+                spec.attrs['eigenvalue'] = r.eigenvalues[::-1].astype(np.float32)  # CoRelAy's order: descending
+                c = g.create_group('cluster', track_order=True)
+                for cname, a, k in [('selected', r.assignment, r.n_clusters)] + [(f'kmeans-{k:02d}', km[k], k) for k in ks]:
+                    d = c.create_dataset(cname, data=a.astype(np.uint32))
+                    d.attrs['k'] = d.attrs['#clusters'] = k
+                    d.attrs['embedding'] = 'spectral'
+                    d.attrs['index'] = np.array([stored(j) for j in range(min(k, m))], dtype=np.uint32)
                 for k, v in r.params.items(): g.attrs[f'spray.{k}'] = str(v)
     return atomic_write(path, write)
+
+# %% ../nbs/16_spray.ipynb #2bcfd695
+def image_normalization(transform) -> tuple[tuple, tuple]|None:
+    "`(mean, std)` of the `Normalize` step of a dataset's transform (ours or torchvision's, alone or in a Compose); None when it has none."
+    steps = getattr(transform, 'ops', None) or getattr(transform, 'transforms', None) or ([transform] if transform is not None else [])
+    found = [s for s in steps if type(s).__name__ == 'Normalize' and hasattr(s, 'mean') and hasattr(s, 'std')]
+    if len(found) > 1: raise ValueError(f"the dataset's transform has {len(found)} Normalize steps; give mean and std of the whole transform")
+    if not found: return None
+    as_tuple = lambda v: tuple(float(a) for a in np.atleast_1d(np.asarray(v, dtype=np.float64)))
+    return as_tuple(found[0].mean), as_tuple(found[0].std)
+
+def display_images(x: torch.Tensor, # model inputs (n, C, H, W), C = 1 or 3
+                   mean: Sequence[float]|None = None, # the normalisation to undo (None: the inputs are pixels in [0, 1])
+                   std: Sequence[float]|None = None,
+                  ) -> np.ndarray:
+    "Model inputs as display-ready images: `x * std + mean` clipped to [0, 1], grey tiled to RGB, as uint8 `round(255 x)` (n, 3, H, W)."
+    x = torch.as_tensor(x).detach().cpu().double()
+    if x.ndim != 4 or x.shape[1] not in (1, 3): raise ValueError(f"images must be (n, 1 or 3, H, W), got shape {tuple(x.shape)}")
+    if mean is not None:
+        m, s = (torch.as_tensor(v, dtype=torch.float64).reshape(1, -1, 1, 1) for v in (mean, std))
+        x = x * s + m
+    x = x.clamp(0, 1)
+    if x.shape[1] == 1: x = x.repeat(1, 3, 1, 1)
+    return (x * 255).round().to(torch.uint8).numpy()
+
+# %% ../nbs/16_spray.ipynb #f884fddf
+def label_map(n_classes: int, # outputs of the model
+              names: Sequence[str]|None = None, # their names (default: the numbers)
+             ) -> list[dict]:
+    "ViRelAy's label map: per output its `index`, `word_net_id` (the class in 8 digits, as the analysis names it) and `name`."
+    names = [str(c) for c in range(n_classes)] if names is None or len(names) != n_classes else [str(v) for v in names]
+    return [dict(index=c, word_net_id=category_name(c), name=names[c]) for c in range(n_classes)]
+
+def _yaml(v) -> str:
+    return json.dumps(v)  # a JSON string is a YAML string (quoted, escaped)
+
+def project_yaml(name: str, model: str, dataset: str, attribution_method: str, attribution_strategy: str, input_size: tuple[int, int],
+                 files: dict) -> str:
+    "The text of a ViRelAy `project.yaml` (paths in `files` relative to it: label_map, dataset, attribution, analysis)."
+    h, w = input_size
+    return '\n'.join([
+        'project:', f'  name: {_yaml(name)}', f'  model: {_yaml(model)}', f'  label_map: {_yaml(files["label_map"])}',
+        '  dataset:', f'    name: {_yaml(dataset)}', '    type: hdf5', f'    path: {_yaml(files["dataset"])}',
+        f'    input_width: {int(w)}', f'    input_height: {int(h)}', '    down_sampling_method: none', '    up_sampling_method: none',
+        '  attributions:', f'    attribution_method: {_yaml(attribution_method)}', f'    attribution_strategy: {_yaml(attribution_strategy)}',
+        '    sources:', f'      - {_yaml(files["attribution"])}',
+        '  analyses:', '    - analysis_method: spray', '      sources:', f'        - {_yaml(files["analysis"])}', ''])
+
+def dataset_to_hdf5(dataset, # the store's dataset
+                    index: np.ndarray, # the dataset items to write
+                    labels: np.ndarray, # their labels
+                    path, # the .h5 file
+                    mean: Sequence[float]|None = None, std: Sequence[float]|None = None, # the normalisation to undo
+                    batch_size: int = 256,
+                   ) -> Path:
+    "Write the items `index` of `dataset` as a ViRelAy dataset file: `data` uint8 (max index + 1, 3, H, W), row i = item i, and `label`."
+    h5py = require('h5py', 'dataset_to_hdf5')
+    index, labels = np.asarray(index, dtype=np.int64), np.asarray(labels)
+    order = np.argsort(index, kind='stable')
+    def write(f):
+        with h5py.File(f.name, 'w') as h:
+            data = lab = None
+            for s in range(0, len(order), batch_size):
+                sel = order[s:s + batch_size]
+                x, _ = load_batch(dataset, index[sel])
+                img = display_images(x, mean, std)
+                if data is None:  # one chunk per image: rows never written take no space
+                    data = h.create_dataset('data', shape=(int(index.max()) + 1, *img.shape[1:]), dtype='uint8', chunks=(1, *img.shape[1:]))
+                    lab = h.create_dataset('label', shape=(int(index.max()) + 1,), dtype='uint32')
+                data[index[sel]] = img
+                lab[index[sel]] = labels[sel].astype(np.uint32)
+    return atomic_write(path, write)
+
+# %% ../nbs/16_spray.ipynb #33982432
+@dataclass
+class VirelayProject:
+    "What `export_virelay` wrote: the ViRelAy project, the report figures, and the SpRAy result of each class."
+    project: Path # the project.yaml
+    figures: list # the report figures (PNG), one per class
+    results: dict # class -> SprayResult
+    ks: tuple # the k-means clusterings every class has
+    def __repr__(self):
+        per = ', '.join(f"{c}: {r.n_clusters}" for c, r in self.results.items())
+        return (f"VirelayProject({self.project}: {len(self.results)} classes (clusters selected: {per}); clusterings: selected, "
+                f"{', '.join(f'kmeans-{k:02d}' for k in self.ks)}; {len(self.figures)} figures)")
+
+def _store(store) -> RelevanceStore:
+    if isinstance(store, RelevanceStore): return store
+    p = Path(store)
+    if not p.is_dir(): raise StoreError(f"{p} is not a folder: give the folder of a relevance store (written by explain_dataset or lrp-scratch explain-dataset)")
+    if int(read_manifest(p).get('count', 0)) == 0: raise StoreError(f"{p} is an empty relevance store (0 items): explain some images into it first")
+    return RelevanceStore(p)
+
+def check_virelay_inputs(store: RelevanceStore, dataset, labels, ks, by: str, n_neighbors: int, n_eigval: int) -> tuple[list[int], tuple[int, ...]]:
+    "The classes and ks `export_virelay` will use, or one clear error about its inputs (nothing is written before this passes)."
+    m = store.manifest
+    if len(store) == 0: raise StoreError(f"{store.path} is an empty relevance store (0 items): explain some images into it first")
+    want = m['dataset']
+    if dataset is None or len(dataset) != want['length'] or dataset_fingerprint(dataset) != want['fingerprint']:
+        got = 'no dataset' if dataset is None else f"a dataset of {len(dataset):,} items ({getattr(dataset, 'name', '') or type(dataset).__name__} {getattr(dataset, 'split', '')})"
+        raise ValueError(f"the images come from the dataset the store explained ({want['name'] or want['type']} {want['split']}, {want['length']:,} items, "
+                         f"fingerprint {want['fingerprint'][:12]}), but this is {got}: give that dataset (on the command line: the data options "
+                         f"given to explain-dataset)")
+    if len(m['input_shape']) != 3 or m['input_shape'][0] not in (1, 3):
+        raise ValueError(f"ViRelAy shows grey or RGB images; the store's inputs are {m['input_shape']}")
+    present = store.classes(by)
+    if not present: raise ValueError(f"no item of {store.path} has a known {by} (all -1): use by='prediction' (--by prediction) or by='target'")
+    labels = present if labels is None else ([labels] if isinstance(labels, (int, np.integer)) else list(labels))
+    if not labels: raise ValueError(f"no class given; the classes of {store.path} (by {by}) are {present}")
+    unknown = [c for c in labels if c not in present]
+    if unknown: raise ValueError(f"class {unknown[0]} has no items in {store.path} (by {by}); the classes present are {present}")
+    labels = sorted(set(int(c) for c in labels))
+    sizes = {c: len(store.class_positions(c, by)) for c in labels}
+    need = max(3, int(n_neighbors) + 1)
+    small = {c: n for c, n in sizes.items() if n < need}
+    if small:
+        raise ValueError(f"SpRAy needs more maps per class than n_neighbors={n_neighbors} (at least {need}); too few in "
+                         f"{', '.join(f'class {c} ({n})' for c, n in small.items())}: leave them out (choose labels) or give a smaller n_neighbors")
+    return labels, check_ks(ks, sizes, min(int(n_eigval), min(sizes.values())))
+
+def export_virelay(store, # a RelevanceStore or its folder
+                   dataset, # the dataset the store explained (checked by its fingerprint): the images
+                   out_dir, # the report figures go here, the ViRelAy project into out_dir/virelay
+                   labels: Sequence[int]|None = None, # the classes to analyse (default: every class in the store)
+                   ks: Sequence[int] = VIRELAY_KS, # the k-means clusterings every class gets
+                   by: str = 'label', # which items are a class: 'label', 'prediction' or 'target'
+                   mean: Sequence[float]|None = None, std: Sequence[float]|None = None, # the normalisation to undo (default: the dataset transform's)
+                   figures: bool = True, # write the report figure of each class
+                   name: str|None = None, # the project's name (default: from the store's manifest)
+                   **kwargs, # to `spray` (size, normalize, absolute, n_neighbors, n_eigval, embedding, seed, ...)
+                  ) -> VirelayProject:
+    "SpRAy on every class of a store (or `labels`): the report figures and a complete ViRelAy project (project.yaml, label map, dataset, attribution and analysis files)."
+    store = _store(store)
+    n_neighbors, n_eigval = kwargs.get('n_neighbors', 10), kwargs.get('n_eigval', 32)
+    labels, ks = check_virelay_inputs(store, dataset, labels, ks, by, n_neighbors, n_eigval)
+    if mean is None and std is None: mean, std = image_normalization(getattr(dataset, 'transform', None)) or (None, None)
+    elif mean is None or std is None: raise ValueError("give both mean and std (the normalisation of the images), or neither")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir(): raise NotADirectoryError(f"{out} is a file; give a folder for the SpRAy report")
+    results = {c: spray(store, c, by=by, **kwargs) for c in labels}  # all computed before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    figs = []
+    for c, r in results.items():
+        if not figures: break
+        fig = plot_spray(r)
+        p = out/f'spray_class_{c}.png'
+        atomic_write(p, lambda f: fig.savefig(f, format='png', dpi=90))
+        plt.close(fig); figs.append(p)
+    v = out/'virelay'
+    v.mkdir(exist_ok=True)
+    m = store.manifest
+    classes = getattr(dataset, 'classes', None)
+    atomic_write(v/'label-map.json', lambda f: f.write(json.dumps(label_map(store.n_classes, classes), indent=1).encode()))
+    shown = np.where(store.label >= 0, store.label, store.target)  # the label ViRelAy shows (as RelevanceStore.to_hdf5 writes it)
+    dataset_to_hdf5(dataset, store.index, shown, v/'dataset.h5', mean, std)
+    store.to_hdf5(v/'attribution.h5')
+    analysis_to_hdf5(list(results.values()), v/'analysis.h5', ks)
+    target = m['target']
+    strategy = {'pred': 'predicted_label', 'label': 'true_label'}.get(target, f'class_{target}')
+    ds = m['dataset']
+    text = project_yaml(name or f"SpRAy of {m['model']['name']} on {ds['name'] or ds['type']} {ds['split']}".strip(), m['model']['name'],
+                        f"{ds['name'] or ds['type']} {ds['split']}".strip(), f"LRP {m['composite']['name']}" + (f" top_k={m['top_k']}" if m['top_k'] else ''),
+                        strategy, tuple(m['input_shape'][1:]),
+                        dict(label_map='label-map.json', dataset='dataset.h5', attribution='attribution.h5', analysis='analysis.h5'))
+    atomic_write(v/'project.yaml', lambda f: f.write(text.encode()))
+    return VirelayProject(v/'project.yaml', figs, results, ks)
 
 # %% ../nbs/16_spray.ipynb #d700d025
 def mark_digits(images: torch.Tensor, # uint8 digits (N, H, W), e.g. from `make_digits`
