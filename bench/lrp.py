@@ -26,8 +26,9 @@ import torch.nn as nn
 from lrp_scratch.kernels import reference_kernels
 from lrp_scratch.lrp import LRPModel, EpsilonPlusFlat, Uniform, Epsilon, classic
 
-CASES = {"vgg11": ("vgg11", 10, 32, 64), "vgg16": ("vgg16", 1000, 224, 8), "resnet50": ("resnet50", 1000, 224, 8)}
-SMALL = ("resnet50",)  # cases that measure only the gradient and the EpsilonPlusFlat rows
+CASES = {"vgg11": ("vgg11", 10, 32, 64), "vgg16": ("vgg16", 1000, 224, 8), "resnet50": ("resnet50", 1000, 224, 8),
+         "timm-resnet50d": ("timm:resnet50d", 1000, 224, 8), "timm-efficientnet_b0": ("timm:efficientnet_b0", 1000, 224, 8)}
+SMALL = ("resnet50", "timm-resnet50d", "timm-efficientnet_b0")  # cases that measure only the gradient and the EpsilonPlusFlat rows
 DEVICE, BATCH = torch.device("cpu"), None  # --device, --batch (None: the case's)
 
 
@@ -41,10 +42,13 @@ def make_model(case):
         except ImportError:
             import torchvision
             model, src = torchvision.models.vgg11(num_classes=n_classes), "torchvision vgg11"
+    elif name.startswith("timm:"):
+        import timm
+        model, src = timm.create_model(name[5:], pretrained=False, num_classes=n_classes), f"timm {name[5:]}"
     else:
         import torchvision
         model, src = getattr(torchvision.models, name)(num_classes=n_classes), f"torchvision {name}"
-    if name == "resnet50":  # random BatchNorm statistics (fresh ones are the identity): what a trained model has to fold
+    if name == "resnet50" or name.startswith("timm:"):  # random BatchNorm statistics (fresh ones are the identity): what a trained model has to fold
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for m in model.modules():
@@ -96,6 +100,7 @@ def methods(model, x, case="vgg11"):
         def ref(f=out[name]):
             with reference_kernels(): return f()
         out[name + " (ref)"] = ref
+    if case.startswith("timm-"): return out  # Zennit has no canonizer for timm's models: its numbers would not be LRP
     try:
         from zennit.attribution import Gradient
         out["zennit EpsilonPlusFlat"] = lambda: zennit_call(model, x, case)

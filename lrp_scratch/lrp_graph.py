@@ -536,7 +536,7 @@ class _BN(NamedTuple):
     node: fx.Node
     module: nn.Module
 
-def _fold(root, gm_modules: dict, graph: fx.Graph, names: dict, receiving: set):
+def _fold(root, gm_modules: dict, graph: fx.Graph, names: dict, receiving: set, path: set):
     "Fold every batch norm (module or functional) whose input is a linear layer or `Linear` op used only there."
     merged, folded, unfolded, identity = {}, {}, {}, []
     calls = {}
@@ -557,7 +557,8 @@ def _fold(root, gm_modules: dict, graph: fx.Graph, names: dict, receiving: set):
             pm = gm_modules[p.target]
             if not ((isinstance(pm, LINEAR_TYPES) and standard(pm)) or (isinstance(pm, Linear) and pm.form in ('linear', 'conv1d', 'conv2d', 'conv3d') and pm.bn is None)):
                 why = f"its input is `{names.get(p, p.target)}`, not a convolution or linear layer"; break
-            if len(p.users) != 1: why = f"the output of `{names.get(p, p.target)}` is used elsewhere too"; break
+            if len([u for u in p.users if u in path or u in receiving]) != 1:  # shape queries (`x.ndim`) do not count
+                why = f"the output of `{names.get(p, p.target)}` is used elsewhere too"; break
         if not why:
             targets = {p.target for p in ps}
             if len(targets) != 1: why = "it normalises the outputs of different layers"
@@ -647,7 +648,7 @@ def trace(model: nn.Module, # the model (in eval mode: training-only branches ar
     _flatten_sums(graph, ops)
     gm_modules = {n.target: (ops[n.target] if n.target in ops else model.get_submodule(n.target))
                   for n in graph.nodes if n.op == 'call_module'}
-    if fold_batchnorm: merged, folded, unfolded, identity = _fold(model, gm_modules, graph, names, receiving)
+    if fold_batchnorm: merged, folded, unfolded, identity = _fold(model, gm_modules, graph, names, receiving, path)
     else:
         merged, folded, identity = {}, {}, ()
         unfolded = {names.get(n, n.target): "folding is switched off" for n in graph.nodes if n.op == 'call_module'
