@@ -4,30 +4,49 @@
 
 # %% ../nbs/14_cli.ipynb #cecfe777
 from __future__ import annotations
-import argparse, contextlib, json, logging, math, sys, time
+import argparse, contextlib, json, logging, math, os, sys, time
 from pathlib import Path
-from typing import Sequence
-import numpy as np
-import torch
-import matplotlib.pyplot as plt
-from PIL import Image, ImageOps, UnidentifiedImageError
-from . import __version__, lrp
-from .core import get_device, platform_info
-from .kernels import build_info
-from .loggers import LOG_DATEFMT, LOG_FORMAT, get_logger
-from .data_loaders import DATASETS, DatasetFileError, InMemoryDataset, TensorLoader, get_dataset, loader
-from .data_transformations import MNIST_MEAN, MNIST_STD, default_mnist_ops, mnist_transform
-from .data_transformations import CenterCrop, Compose, Normalize, Resize, ToTensor
-from .models import VGG
-from .models import ResNet
-from .optimizers import OPTIMIZERS
-from .trainers import CHECKPOINT_FORMAT, CheckpointError, MPTrainer, Trainer, check_state_dict, load_checkpoint
-from .testers import Tester, TestReport
-from .visualization import plot_relevance_scores, relevance_grid
+from typing import Callable, Sequence
+from . import __version__
+
+def load_libraries():
+    "Import what the commands use (numpy, torch, matplotlib, PIL, the library's modules) as names of this module."
+    import numpy as np
+    import torch
+    import matplotlib.pyplot as plt
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    from lrp_scratch import lrp
+    from lrp_scratch.core import get_device, platform_info
+    from lrp_scratch.kernels import build_info
+    from lrp_scratch.loggers import LOG_DATEFMT, LOG_FORMAT, get_logger
+    from lrp_scratch.data_loaders import DATASETS, DatasetFileError, InMemoryDataset, TensorLoader, get_dataset, loader
+    from lrp_scratch.data_transformations import MNIST_MEAN, MNIST_STD, default_mnist_ops, mnist_transform
+    from lrp_scratch.data_transformations import CenterCrop, Compose, Normalize, Resize, ToTensor
+    from lrp_scratch.models import VGG
+    from lrp_scratch.models import ResNet
+    from lrp_scratch.optimizers import OPTIMIZERS
+    from lrp_scratch.trainers import CHECKPOINT_FORMAT, CheckpointError, MPTrainer, Trainer, check_state_dict, load_checkpoint
+    from lrp_scratch.testers import Tester, TestReport
+    from lrp_scratch.visualization import plot_relevance_scores, relevance_grid
+    from lrp_scratch.distributed import DistributedSetupError, dist_env, is_main, shutdown_distributed
+    LIBRARY_ERRORS = (CheckpointError, DatasetFileError, UnidentifiedImageError, DistributedSetupError)  # bad input, said by the library
+    globals().update(locals())
+
+def parse_first() -> bool:
+    "Whether the `lrp-scratch` command (`lrp_scratch.__main__`, or this module run with `-m`) is importing this module."
+    spec = getattr(sys.modules.get('__main__'), '__spec__', None)
+    return 'lrp_scratch.__main__' in sys.modules or getattr(spec, 'name', None) in ('lrp_scratch.__main__', 'lrp_scratch.cli')
+
+# The command builds its parser from the names below and imports the libraries after parsing (`main`), so `--help` and
+# mistyped arguments answer at once instead of after seconds of importing torch; imported as a library, the module has them now.
+DATASET_NAMES, OPTIMIZER_NAMES = ('mnist', 'digits'), ('sgd', 'adam', 'adamw', 'rmsprop')  # checked against the registries below
+if parse_first(): os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch loads OpenMP: see "On a busy machine"
+else: load_libraries()
 
 # %% auto #0
-__all__ = ['USER_ERRORS', 'fraction', 'positive', 'valid_ratio', 'target_arg', 'MODELS', 'COMPOSITES', 'IMAGENET_MEAN',
-           'IMAGENET_STD', 'dataset_target_arg', 'cmd_train_launch', 'CLIError', 'one_line', 'positive_int',
+__all__ = ['DATASET_NAMES', 'OPTIMIZER_NAMES', 'USER_ERRORS', 'fraction', 'positive', 'valid_ratio', 'target_arg', 'MODELS',
+           'COMPOSITES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'dataset_target_arg', 'TRAIN_DEFAULTS_TAKE',
+           'cmd_train_launch', 'load_libraries', 'parse_first', 'CLIError', 'one_line', 'positive_int',
            'non_negative_int', 'choice', 'target_type', 'load_datasets', 'build_model', 'model_from_checkpoint',
            'load_image', 'make_composite', 'explain_batches', 'torchvision_classifiers', 'torchvision_name',
            'torchvision_preprocessing', 'load_imagenet_image', 'load_state_dict_file', 'torchvision_model',
@@ -39,9 +58,8 @@ __all__ = ['USER_ERRORS', 'fraction', 'positive', 'valid_ratio', 'target_arg', '
 class CLIError(Exception):
     "A mistake in the command's input (a path, an argument): reported in one line, without a traceback."
 
-# the exceptions the library raises for bad input; anything else is a bug and keeps its traceback
-USER_ERRORS = (CLIError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, CheckpointError,
-               DatasetFileError, UnidentifiedImageError, ValueError, TypeError)
+# the exceptions raised for bad input, with the library's own (`LIBRARY_ERRORS`); anything else is a bug and keeps its traceback
+USER_ERRORS = (CLIError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError, TypeError)
 
 def one_line(e: BaseException) -> str:
     "An exception's message on one line (multi-line messages joined with ' | ')."
@@ -245,7 +263,7 @@ def load_image(path: str|Path, # a PNG, JPEG, ... file (any size, colour or grey
     return x, x28
 
 # %% ../nbs/14_cli.ipynb #57f3813d
-COMPOSITES = ('EpsilonPlusFlat',) + tuple(n for n in lrp.PRESETS if n != 'EpsilonPlusFlat')  # the default first
+COMPOSITES = ('EpsilonPlusFlat', 'EpsilonPlus', 'EpsilonGammaBox', 'EpsilonAlpha2Beta1', 'EpsilonAlpha2Beta1Flat', 'classic')  # lrp.PRESETS, the default first
 
 def make_composite(name: str) -> lrp.Composite:
     "The LRP composite called `name` (one of `COMPOSITES`); EpsilonGammaBox gets the bounds of normalised pixels."
@@ -651,9 +669,11 @@ def _explain_dataset_parser(sub):
     _data_args(p); _common_args(p); _launch_args(p); p.set_defaults(func=launched(cmd_explain_dataset))  # launched: see below
 
 # %% ../nbs/14_cli.ipynb #79dd672c
+TRAIN_DEFAULTS_TAKE = 'take hours on a CPU'  # see "How long training takes" below
+TRAIN_DEFAULTS_TAKE = 'take hours on a CPU'  # see "How long training takes" below
 def _data_args(p, train: bool = True, n_train: int = 6000):
     g = p.add_argument_group('data')
-    g.add_argument('--dataset', type=choice(DATASETS, 'dataset'), default='digits', metavar='{digits,mnist}',
+    g.add_argument('--dataset', type=choice(DATASET_NAMES, 'dataset'), default='digits', metavar='{digits,mnist}',
                    help="'digits' (embedded, generated offline; default) or 'mnist' (read from --root, downloaded there when missing)")
     g.add_argument('--root', default='datasets', metavar='DIR', help='the folder that holds MNIST/raw/ (default: %(default)s)')
     if train: g.add_argument('--n-train', type=positive_int, default=n_train, metavar='N',
@@ -671,7 +691,7 @@ def _train_args(p, epochs: int, width: float):
     g.add_argument('--no-batch-norm', action='store_true', help='a VGG without BatchNorm2d (trains more slowly from scratch)')
     g.add_argument('--epochs', type=positive_int, default=epochs, metavar='N', help='training epochs (default: %(default)s)')
     g.add_argument('--lr', type=positive, default=0.002, help='learning rate (the peak of the one-cycle schedule; default: %(default)s)')
-    g.add_argument('--optimizer', type=choice(tuple(OPTIMIZERS), 'optimizer'), default='adam', metavar='{' + ','.join(OPTIMIZERS) + '}', help='the optimizer (default: %(default)s)')
+    g.add_argument('--optimizer', type=choice(OPTIMIZER_NAMES, 'optimizer'), default='adam', metavar='{' + ','.join(OPTIMIZER_NAMES) + '}', help='the optimizer (default: %(default)s)')
     g.add_argument('--scheduler', type=choice(('onecycle', 'step', 'none'), 'scheduler'), default='onecycle', metavar='{onecycle,step,none}', help='learning-rate schedule (default: %(default)s)')
     g.add_argument('--batch-size', type=positive_int, default=64, metavar='N', help='images per batch (default: %(default)s)')
     g.add_argument('--valid-ratio', type=valid_ratio, default=0.1, metavar='F', help='share of the training images held out for validation (default: %(default)s)')
@@ -746,11 +766,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/14_cli.ipynb #4ee7a550
 import io
-from .distributed import DistributedSetupError, dist_env, is_main, shutdown_distributed
 
 # %% ../nbs/14_cli.ipynb #c5d3fdb2
-USER_ERRORS = USER_ERRORS + (DistributedSetupError,)  # a broken torchrun environment: one line, what to set
-
 _LAUNCH_OPTS = {'--nproc': '--nproc-per-node', '--nnodes': '--nnodes', '--node-rank': '--node-rank', '--rdzv-endpoint': '--rdzv-endpoint',
                 '--rdzv-id': '--rdzv-id', '--max-restarts': '--max-restarts'}
 
@@ -872,8 +889,9 @@ def main(argv: Sequence[str]|None = None, # the arguments (default: sys.argv[1:]
     try: args = parser.parse_args(argv)
     except SystemExit as e: return e.code if isinstance(e.code, int) else 1  # --help, --version (0) and argument errors (2)
     args.argv = list(map(str, sys.argv[1:] if argv is None else argv))  # train --nproc relaunches the command
+    load_libraries()
     try: return args.func(args)
-    except USER_ERRORS as e:
+    except USER_ERRORS + LIBRARY_ERRORS as e:
         if args.debug: raise
         hint = (" | on the command line: point --root at the folder that holds MNIST/raw/, allow the download (no --no-download), "
                 "use --mnist-test-only, or use --dataset digits") if isinstance(e, DatasetFileError) and 'not found' in str(e) else ''

@@ -7,8 +7,8 @@
 # Installs torch + torchvision from PyPI, then the package in editable mode without build isolation, so the
 # kernels/ extension is compiled against that torch: with CUDA (one arch, TORCH_CUDA_ARCH_LIST, default 9.0)
 # when nvcc is found, so the CUDA code is compiled on every run, CPU-only otherwise. Then: notebooks clean,
-# library in sync with the notebooks, README current, nbdev_test, pytest. Ends with one summary line and
-# exits non-zero on any failure.
+# library in sync with the notebooks, README current, the docs build's processing of every notebook
+# (tools/check_docs.py), nbdev_test, pytest. Ends with one summary line and exits non-zero on any failure.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
@@ -79,6 +79,7 @@ unchanged_by() {  # unchanged_by "<command>" <paths...>: the command leaves the 
 check "notebooks are clean (nbdev_clean changes nothing)" unchanged_by nbdev_clean nbs
 check "library in sync with notebooks (nbdev_export changes nothing)" unchanged_by nbdev_export lrp_scratch
 check "README.md is current with nbs/index.ipynb" python tools/make_readme.py --check
+check "docs processing (nbdev's processors, as nbdev_docs runs them)" python tools/check_docs.py
 check "notebook tests (nbdev_test)" nbdev_test --n_workers 1
 check "pytest" python -m pytest -q tests
 
