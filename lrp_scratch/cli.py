@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_cli.ipynb #cecfe777
 from __future__ import annotations
-import argparse, contextlib, json, logging, math, os, sys, time
+import argparse, contextlib, json, logging, math, os, sys, time, warnings
 from pathlib import Path
 from typing import Callable, Sequence
 from . import __version__
@@ -25,9 +25,9 @@ def load_libraries():
     from lrp_scratch.models import VGG
     from lrp_scratch.models import ResNet
     from lrp_scratch.optimizers import OPTIMIZERS
-    from lrp_scratch.trainers import CHECKPOINT_FORMAT, CheckpointError, MPTrainer, Trainer, check_state_dict, load_checkpoint
+    from lrp_scratch.trainers import CHECKPOINT_FORMAT, CheckpointError, History, MPTrainer, Trainer, check_state_dict, load_checkpoint, load_torch_file
     from lrp_scratch.testers import Tester, TestReport
-    from lrp_scratch.visualization import plot_relevance_scores, relevance_grid
+    from lrp_scratch.visualization import BLANK_HEATMAP, BlankHeatmapWarning, is_blank, plot_relevance_scores, relevance_grid
     from lrp_scratch.distributed import DistributedSetupError, dist_env, is_main, shutdown_distributed
     LIBRARY_ERRORS = (CheckpointError, DatasetFileError, UnidentifiedImageError, DistributedSetupError)  # bad input, said by the library
     globals().update(locals())
@@ -45,14 +45,14 @@ else: load_libraries()
 
 # %% auto #0
 __all__ = ['DATASET_NAMES', 'OPTIMIZER_NAMES', 'USER_ERRORS', 'fraction', 'positive', 'valid_ratio', 'target_arg', 'MODELS',
-           'COMPOSITES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'dataset_target_arg', 'TRAIN_DEFAULTS_TAKE',
-           'cmd_train_launch', 'load_libraries', 'parse_first', 'CLIError', 'one_line', 'positive_int',
-           'non_negative_int', 'choice', 'target_type', 'load_datasets', 'build_model', 'model_from_checkpoint',
-           'load_image', 'make_composite', 'explain_batches', 'torchvision_classifiers', 'torchvision_name',
-           'torchvision_preprocessing', 'load_imagenet_image', 'load_state_dict_file', 'torchvision_model',
-           'imagenet_composite', 'top_classes', 'cmd_train', 'cmd_test', 'cmd_explain', 'cmd_explain_torchvision',
-           'cmd_demo', 'platform_lines', 'cmd_info', 'cmd_explain_dataset', 'make_parser', 'launch_command', 'launched',
-           'k_list', 'cmd_spray', 'main']
+           'COMPOSITES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'dataset_target_arg', 'TRAIN_DEFAULTS_TAKE', 'load_libraries',
+           'parse_first', 'CLIError', 'one_line', 'positive_int', 'non_negative_int', 'choice', 'target_type',
+           'load_datasets', 'build_model', 'model_from_checkpoint', 'load_image', 'make_composite', 'explain_batches',
+           'torchvision_classifiers', 'torchvision_name', 'torchvision_preprocessing', 'load_imagenet_image',
+           'load_state_dict_file', 'torchvision_model', 'imagenet_composite', 'top_classes', 'run_arguments',
+           'changed_arguments', 'resume_plan', 'cmd_train', 'cmd_test', 'png_destination', 'cmd_explain',
+           'cmd_explain_torchvision', 'cmd_demo', 'platform_lines', 'cmd_info', 'cmd_explain_dataset', 'make_parser',
+           'launch_command', 'launched', 'cmd_train_launch', 'k_list', 'cmd_spray', 'main']
 
 # %% ../nbs/14_cli.ipynb #48d81e86
 class CLIError(Exception):
@@ -345,20 +345,7 @@ def load_imagenet_image(path: str|Path, # a PNG, JPEG, ... file (any size, colou
 def load_state_dict_file(path: str|Path, # a file written by `torch.save(model.state_dict(), path)`
                         ) -> dict:
     "A state dict from a file, loaded safely (`torch.load(weights_only=True)`, on the CPU), with clear errors for missing, corrupt and unsafe files."
-    import pickle
-    path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.is_dir(): raise IsADirectoryError(f"weights file {path} is a folder; give the file written by torch.save(model.state_dict(), FILE)")
-    try: sd = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        glob = next((l.split('Unsupported global:')[1].split(' was not')[0].strip() for l in str(e).splitlines() if 'Unsupported global:' in l), None)
-        if glob:
-            raise CLIError(f"{path} holds Python objects other than tensors ({glob}: a whole pickled model?), so it cannot be loaded "
-                           "safely with torch.load(weights_only=True); save the weights with torch.save(model.state_dict(), FILE)") from None
-        raise CLIError(f"{path} is not a PyTorch weights file, or it is corrupt or truncated ({type(e).__name__})") from None
-    except Exception as e:
-        raise CLIError(f"{path} is not a PyTorch weights file, or it is corrupt or truncated ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:120] if str(e) else 'no details'})") from None
+    sd = load_torch_file(path, 'cpu', 'weights file')  # what the file is when it is not one (one paragraph)
     is_sd = lambda d: isinstance(d, dict) and len(d) > 0 and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
     if isinstance(sd, dict) and not is_sd(sd):  # a training checkpoint that holds the state dict under a common key
         sd = next((sd[k] for k in ('state_dict', 'model', 'model_state_dict') if is_sd(sd.get(k))), sd)
@@ -421,37 +408,100 @@ def _torchvision_args(p):
     g.add_argument('--crop', type=positive_int, default=None, metavar='N', help='then keep the centre N x N (default: likewise, e.g. 224 or 299)')
 
 # %% ../nbs/14_cli.ipynb #336bb26a
-def _check_resume(args):
+_RUN_FLAGS = {'dataset': '--dataset', 'n_train': '--n-train', 'seed': '--seed', 'mnist_test_only': '--mnist-test-only', 'model': '--model',
+              'width': '--width', 'no_batch_norm': '--no-batch-norm', 'epochs': '--epochs', 'lr': '--lr', 'optimizer': '--optimizer',
+              'scheduler': '--scheduler', 'batch_size': '--batch-size', 'valid_ratio': '--valid-ratio', 'early_stopping': '--early-stopping',
+              'mixed_precision': '--mixed-precision'}  # what defines a run (not where it runs: --device, --nproc, --root, --no-progress)
+
+def run_arguments(args) -> dict:
+    "The arguments of `train` that define its run, by flag (saved in the checkpoint's `config['meta']`)."
+    return {flag: getattr(args, k) for k, flag in _RUN_FLAGS.items()}
+
+def _shown(v) -> str:
+    if isinstance(v, bool) or v is None: return 'given' if v else 'not given'
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+def changed_arguments(saved: dict, # the run's arguments (a checkpoint's `config['meta']`)
+                      now: dict, # this command's (`run_arguments(args)`)
+                      holder: str = 'checkpoint', # what holds the saved ones, named in the text
+                     ) -> list[str]:
+    "`--lr 0.01 (checkpoint: 0.05)` for each flag whose value differs, as the user types it."
+    return [f"{f} {_shown(now[f])} ({holder}: {_shown(saved.get(f))})" for f in now if saved.get(f) != now[f]]
+
+def _check_resume(args, path: Path):
     "A one-cycle schedule is fixed to its run's length: resuming it can only finish that run."
-    cfg = load_checkpoint(args.resume).get('config') or {}
+    cfg = load_checkpoint(path).get('config') or {}
     if cfg.get('scheduler') == 'onecycle' and cfg.get('train_epochs') != args.epochs:
-        raise CLIError(f"{args.resume} was trained with a one-cycle schedule over {cfg.get('train_epochs')} epochs, which cannot be "
+        raise CLIError(f"{path} was trained with a one-cycle schedule over {cfg.get('train_epochs')} epochs, which cannot be "
                        f"stretched to --epochs {args.epochs}: resume with --epochs {cfg.get('train_epochs')} to finish that run, "
                        "or train with --scheduler step or none to extend runs later")
 
-def _train(args, out: Path, device: torch.device) -> tuple[Trainer, InMemoryDataset, InMemoryDataset]:
-    "Train as `args` say; writes checkpoint.pt (+ its history files) and history.png into `out`."
+def resume_plan(args) -> tuple[str, Path|None]:
+    "What `train` does with the checkpoint in --out: `('new', None)`, `('resume', checkpoint)` or `('done', checkpoint)`; a `CLIError` for another run's."
+    here = Path(args.out)/'checkpoint.pt'
+    force = getattr(args, 'force', None)  # demo has no --force: it starts a new run unless --resume says otherwise
+    if args.resume is not None and force: raise CLIError("--resume continues a run and --force starts a new one: give one of them")
+    explicit = Path(args.resume) if args.resume else here  # with --resume
+    if force or not here.exists() or (force is None and args.resume is None):
+        plan = ('resume', explicit) if args.resume is not None else ('new', None)
+    else:
+        try: ck = load_checkpoint(here)
+        except CheckpointError as e:
+            raise CLIError(f"{e} It is the checkpoint of --out {args.out}: add --force to start a new run there (replacing it), "
+                           "or give another --out") from None
+        saved = (ck.get('config') or {}).get('meta') if ck.get('format') == CHECKPOINT_FORMAT else None
+        diff = changed_arguments(saved, run_arguments(args)) if isinstance(saved, dict) and saved else None
+        ways = "add --resume to continue that run with these arguments, or --force to start a new run, replacing it (or give another --out)"
+        if args.resume is not None: plan = ('resume', here if diff == [] else explicit)  # [] : this command ran before, here is further along
+        elif diff is None: raise CLIError(f"{here} holds a run whose arguments were not recorded (written by Trainer.save_model or an older "
+                                          f"lrp-scratch), so this command cannot tell whether it is the same run: {ways}")
+        elif diff: raise CLIError(f"{here} holds a run trained with other arguments: {'; '.join(diff)}. Run its own command again to "
+                                  f"continue it, {ways}")
+        else:
+            es = ck.get('early_stopping') or {}
+            stopped = args.early_stopping is not None and (es.get('wait') or 0) >= args.early_stopping
+            plan = ('done' if int(ck.get('epoch', 0)) >= args.epochs or stopped else 'resume', here)
+    if plan[0] == 'resume': _check_resume(args, plan[1])
+    return plan
+
+def _train(args, out: Path, device: torch.device, plan: tuple[str, Path|None]|None = None) -> tuple[Trainer, InMemoryDataset, InMemoryDataset]:
+    "Train as `args` say (continuing the checkpoint of `plan`, default `resume_plan(args)`); writes checkpoint.pt (+ its history files) and history.png into `out`."
+    kind, resume_from = plan or resume_plan(args)
     train_ds, test_ds = load_datasets(args.dataset, args.root, args.n_train, args.n_test, args.seed, not args.no_download, args.mnist_test_only)
     tr, va, _ = loader(train_ds, None, batch_size=args.batch_size, valid_ratio=args.valid_ratio, seed=args.seed)
-    if args.resume: _check_resume(args)
-    model = model_from_checkpoint(args.resume) if args.resume else build_model(args.model, args.width, not args.no_batch_norm, args.seed)
+    model = model_from_checkpoint(resume_from) if kind == 'resume' else build_model(args.model, args.width, not args.no_batch_norm, args.seed)
+    meta = run_arguments(args)
+    if kind == 'resume':  # the model is the checkpoint's, whatever --model, --width, --no-batch-norm say
+        saved = (load_checkpoint(resume_from).get('config') or {}).get('meta') or {}
+        meta.update({f: saved[f] for f in ('--model', '--width', '--no-batch-norm') if f in saved})
     trainer = (MPTrainer if args.mixed_precision else Trainer)(
         model, tr, va, train_epochs=args.epochs, learning_rate=args.lr, optimization_method=args.optimizer,
         scheduler=None if args.scheduler == 'none' else args.scheduler, early_stopping=args.early_stopping,
-        checkpoint_path=out/'checkpoint.pt', progress='text' if args.progress else False, device=device, seed=args.seed)
+        checkpoint_path=out/'checkpoint.pt', progress='text' if args.progress else False, device=device, seed=args.seed,
+        auto_resume=False, meta=meta)  # the command decides (resume_plan), in one process or many
     get_logger().info(f"training {model.name} (width {model.width:g}, {model.n_params:,} parameters) on {len(tr.indices):,} {args.dataset} "
                       f"images ({len(va.indices) if va is not None else 0:,} more for validation) for {_plural(args.epochs, 'epoch')} on {device}")
     if args.mixed_precision: get_logger().info(f"mixed precision: {_precision(trainer.amp_dtype)} on {device} (`lrp-scratch info` shows why)")
-    trainer.run(resume_from=args.resume)
+    trainer.run(resume_from=resume_from if kind == 'resume' else None)
     if trainer.checkpoint_path is not None and not trainer.checkpoint_path.exists(): trainer.save_model(trainer.checkpoint_path)
     _save_fig(trainer.history.plot(), out/'history.png')
     return trainer, train_ds, test_ds
 
+def _say_done(args, path: Path) -> int:
+    ck = load_checkpoint(path)
+    h = History.from_dict(ck['history'])
+    print(f"{_rel(path)} is complete: {_plural(int(ck['epoch']), 'epoch')} of --epochs {args.epochs} trained by the same command "
+          f"(train accuracy {h[-1]['train_accuracy']:.4f}); nothing to do. --force trains it again from the start, --resume with a larger "
+          "--epochs (and --scheduler step or none) extends it")
+    return 0
+
 def cmd_train(args) -> int:
-    "lrp-scratch train: train a VGG, write the checkpoint, its history and history.png into --out."
+    "lrp-scratch train: train a VGG or ResNet (continuing the run in --out), write the checkpoint, its history and history.png into --out."
+    plan = resume_plan(args)  # before any work: a finished run, or another run's checkpoint in --out
+    if plan[0] == 'done': return _say_done(args, plan[1])
     t0, out, device = time.perf_counter(), _out_dir(args.out), _device(args.device)
     with _logging(out/'log.txt', args.progress):
-        trainer, _, _ = _train(args, out, device)
+        trainer, _, _ = _train(args, out, device, plan)
     h = trainer.history[-1]
     print(f"trained {_plural(trainer.epoch, 'epoch')} in {time.perf_counter() - t0:.0f} s: train accuracy {h['train_accuracy']:.4f}"
           + (f", valid accuracy {h['valid_accuracy']:.4f}" if not math.isnan(h['valid_accuracy']) else ''))
@@ -485,16 +535,32 @@ def _explain_title(pred: int, p: float, label: int|None, composite: str, top_k: 
     return (f"predicted {pred} ({p:.0%})" + (f", label {label}" if label is not None else '') +
             f" | {composite}, top_k={top_k:g}, target {target}")
 
+def png_destination(out: str|None, # --out as given (None: `default`)
+                    default: Path, # the file written without --out
+                   ) -> Path:
+    "The PNG file `explain` writes, checked before any work: a .png name that is not a folder."
+    dest = Path(out) if out is not None else default
+    if dest.is_dir(): raise CLIError(f"--out {dest} is a folder; give the PNG file to write, e.g. --out {dest/default.name}")
+    if dest.suffix.lower() != '.png': raise CLIError(f"--out {dest} must name a .png file")
+    return dest
+
+def _warn_blank(r: torch.Tensor, args):
+    "Say on stderr when the heatmap will be blank (all-zero relevance), why, and what to try."
+    if not is_blank(r): return
+    fix = ('; here the model has RANDOM weights: pass --weights FILE' if getattr(args, 'torchvision', None) and args.weights is None else '')
+    print(f"lrp-scratch explain: warning: {BLANK_HEATMAP} (--target, --composite){fix}", file=sys.stderr)
+
 def cmd_explain(args) -> int:
     "lrp-scratch explain: a checkpoint and an image file (or a test-set index) -> the image and its heatmap in a PNG."
     if getattr(args, 'torchvision', None): return cmd_explain_torchvision(args)
     if args.checkpoint is None: raise CLIError("give a checkpoint (a checkpoint.pt of lrp-scratch train or demo) or --torchvision NAME")
+    stem = Path(args.image).stem if args.image is not None else f"{args.dataset}_test_{args.index}"
+    dest = png_destination(args.out, Path(args.checkpoint).parent/f"explain_{stem}.png")  # before any work
     device = _device(args.device)
     model = model_from_checkpoint(args.checkpoint, device)
-    if args.out is not None and Path(args.out).suffix.lower() != '.png': raise CLIError(f"--out {args.out} must name a .png file")
     if args.image is not None:
         x, _ = load_image(args.image, model.input_size, model.in_channels, args.invert)
-        label, stem = None, Path(args.image).stem
+        label = None
     else:
         test_ds = load_datasets(args.dataset, args.root, n_test=args.n_test, seed=args.seed, download=not args.no_download,
                                 mnist_test_only=args.mnist_test_only, only_test=True)
@@ -502,14 +568,16 @@ def cmd_explain(args) -> int:
             raise CLIError(f"--index {args.index} is out of range: the {args.dataset} test set has {len(test_ds)} images "
                            f"(0..{len(test_ds) - 1}); pass a larger --n-test for more")
         x, label = test_ds[args.index]
-        x, stem = x[None], f"{args.dataset}_test_{args.index}"
+        x = x[None]
     r, out = explain_batches(model, x.to(device), args.composite, args.top_k, args.target)
     probs = torch.softmax(out[0].float(), 0)
     pred = int(probs.argmax())
-    dest = Path(args.out) if args.out is not None else Path(args.checkpoint).parent/f"explain_{stem}.png"
     title = _explain_title(pred, float(probs[pred]), label, args.composite, args.top_k, args.target)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _save_fig(plot_relevance_scores(x.cpu(), r.cpu(), name=title, cmap=args.cmap, max_fig_size=8), dest)
+    _warn_blank(r, args)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', BlankHeatmapWarning)  # said above, once, as a warning of the command
+        _save_fig(plot_relevance_scores(x.cpu(), r.cpu(), name=title, cmap=args.cmap, max_fig_size=8), dest)
     print(f"predicted {pred} (probability {float(probs[pred]):.3f})" + (f", label {label}" if label is not None else '') +
           f"; heatmap: {_rel(dest)}")
     return 0
@@ -519,8 +587,8 @@ def cmd_explain_torchvision(args) -> int:
     "lrp-scratch explain --torchvision NAME [--weights FILE] --image FILE: the top-5 classes and the heatmap PNG of a torchvision model."
     if args.checkpoint is not None: raise CLIError(f"give a checkpoint ({args.checkpoint}) or --torchvision {args.torchvision}, not both")
     if args.image is None: raise CLIError("--torchvision explains an image file: give --image FILE (--index is for checkpoints' test sets)")
-    if args.out is not None and Path(args.out).suffix.lower() != '.png': raise CLIError(f"--out {args.out} must name a .png file")
     name, device = args.torchvision, _device(args.device)
+    dest = png_destination(args.out, Path(f"explain_{Path(args.image).stem}_{name}.png"))  # before any work
     pre = torchvision_preprocessing(name)
     resize, crop = args.resize or pre['resize'], args.crop or pre['crop']
     if crop > resize: raise CLIError(f"--crop {crop} is larger than the resized image ({resize}); give --resize >= --crop")
@@ -534,11 +602,13 @@ def cmd_explain_torchvision(args) -> int:
         x.to(device), target=None if args.target == 'softmax' else args.target)
     cats = pre['categories'] if pre['categories'] is not None and len(pre['categories']) == out.shape[1] else None
     top = top_classes(out[0], 5, cats)
-    dest = Path(args.out) if args.out is not None else Path(f"explain_{Path(args.image).stem}_{name}.png")
     i0, c0, p0 = top[0]
     title = (f"{name}{' (random weights)' if args.weights is None else ''}: {i0}{f' {c0}' if c0 else ''} ({p0:.0%}) | "
              f"{args.composite}, top_k={args.top_k:g}, target {args.target}")
-    plt.close(plot_relevance_scores(shown, r.detach().cpu(), name=title, cmap=args.cmap, max_fig_size=8, save_to=dest))  # atomic write
+    _warn_blank(r, args)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', BlankHeatmapWarning)  # said above
+        plt.close(plot_relevance_scores(shown, r.detach().cpu(), name=title, cmap=args.cmap, max_fig_size=8, save_to=dest))  # atomic write
     print(f"{name} ({'weights ' + _rel(Path(args.weights)) if args.weights else 'RANDOM weights'}, {sum(p.numel() for p in model.parameters()):,} "
           f"parameters); {_rel(Path(args.image))}: resized to {resize}, centre crop {crop}, normalised")
     print(f"top-{len(top)}: " + ', '.join(f"{i}{f' {c}' if c else ''} ({p:.3f})" for i, c, p in top))
@@ -625,25 +695,40 @@ dataset_target_arg = target_type('pred', 'label')  # explain-dataset
 def cmd_explain_dataset(args) -> int:
     "lrp-scratch explain-dataset: a checkpoint and a split -> a relevance store (chunks + manifest) in --out, optionally an HDF5 file."
     from lrp_scratch.distributed import is_main, local_device  # (imported when used: the other commands do without them)
-    from lrp_scratch.relevance_store import StoreError, explain_dataset
+    from lrp_scratch.relevance_store import MANIFEST, StoreError, explain_dataset, model_fingerprint, read_manifest
     device = local_device(_device(args.device))
     model = model_from_checkpoint(args.checkpoint, device)
+    flags = {f: getattr(args, k) for k, f in (('split', '--split'), ('dataset', '--dataset'), ('n_test', '--n-test'), ('n_train', '--n-train'),
+             ('seed', '--seed'), ('mnist_test_only', '--mnist-test-only'), ('composite', '--composite'), ('top_k', '--top-k'),
+             ('target', '--target'), ('batch_size', '--batch-size'), ('chunk_size', '--chunk-size'), ('full_maps', '--full-maps'))}
+    if args.split == 'test': flags.pop('--n-train')  # not used
+    if (Path(args.out)/MANIFEST).is_file():  # a store: the same arguments resume it, others are refused before any work
+        try: m = read_manifest(args.out)
+        except StoreError as e: raise CLIError(str(e)) from None
+        diff = changed_arguments(m.get('meta') or {}, flags, 'store')
+        if m.get('model', {}).get('sha256') != model_fingerprint(model):
+            diff.insert(0, f"{args.checkpoint} holds other weights than the model the store was computed with")
+        if diff: raise CLIError(f"--out {args.out} is a store computed with other arguments: {'; '.join(diff)}. Run the command that wrote "
+                                "it to finish it, or give another --out for these arguments")
     out = _out_dir(args.out)
     if args.hdf5 is not None and Path(args.hdf5).suffix.lower() not in ('.h5', '.hdf5'): raise CLIError(f"--hdf5 {args.hdf5} must name a .h5 file")
     data = load_datasets(args.dataset, args.root, getattr(args, 'n_train', 6000), args.n_test, args.seed, not args.no_download,
                          args.mnist_test_only, only_test=args.split == 'test')
     ds = data if args.split == 'test' else data[0]
-    resumed, t0 = (out/'manifest.json').exists(), time.perf_counter()
+    t0 = time.perf_counter()
     try:
         store = explain_dataset(model, ds, out, composite=make_composite(args.composite), target=args.target, batch_size=args.batch_size,
                                 top_k=args.top_k, reduce='none' if args.full_maps else 'sum', chunk_size=args.chunk_size,
-                                progress='text' if args.progress else False)
+                                progress='text' if args.progress else False, meta=flags)
     except StoreError as e: raise CLIError(str(e)) from None
     dt = time.perf_counter() - t0
     if not is_main(): return 0
-    size = sum(p.stat().st_size for p in out.rglob('*') if p.is_file())
-    print(f"explained {len(store):,} {args.dataset} {args.split} images ({args.composite}, target {args.target}) in {dt:.1f} s "
-          f"({len(store) / dt:.0f} images/s{', part of them done by an earlier run' if resumed else ''}); store: {_rel(out)} ({len(store.chunks)} chunks, {size / 1e6:.1f} MB)")
+    size = sum(p.stat().st_size for p in [out/MANIFEST, *(out/'chunks').glob('*.npy')])  # the store's own files only
+    where = f"store: {_rel(out)} ({len(store.chunks)} chunks, {size / 1e6:.1f} MB)"
+    if store.computed == 0: print(f"the store is complete: {len(store):,} images, nothing to do; {where}")
+    else: print(f"explained {store.computed:,} {args.dataset} {args.split} images ({args.composite}, target {args.target}) in {dt:.1f} s "
+                f"({store.computed / dt:.0f} images/s)" + (f"; the other {len(store) - store.computed:,} of {len(store):,} were done by an "
+                "earlier run" if store.computed < len(store) else '') + f"; {where}")
     if args.hdf5 is not None: print(f"  ViRelAy attribution file: {_rel(store.to_hdf5(args.hdf5))}")
     return 0
 
@@ -698,7 +783,11 @@ def _train_args(p, epochs: int, width: float):
     g.add_argument('--early-stopping', type=positive_int, default=None, metavar='N', help='stop after N validations without improvement')
     g.add_argument('--mixed-precision', action='store_true', help='autocast where the device computes it natively (MPTrainer): float16 on a GPU, bfloat16 on a CPU with native bfloat16, '
                    'else float32 with a warning (LRP_SCRATCH_CPU_BF16=1 forces bfloat16; lrp-scratch info shows the choice)')
-    g.add_argument('--resume', metavar='CHECKPOINT', help='continue the run saved in CHECKPOINT (up to --epochs in all)')
+    g.add_argument('--resume', nargs='?', const='', metavar='CHECKPOINT', help="continue the run saved in CHECKPOINT (default: --out's) "
+                   "with these arguments (up to --epochs in all)")
+    if p.prog.endswith(' train'):
+        g.add_argument('--force', action='store_true', help="start a new run even when --out holds one (replacing it); without --force "
+                       "the same command continues it, and other arguments are refused")
 
 def _lrp_args(p):
     g = p.add_argument_group('LRP')
@@ -816,7 +905,10 @@ def launched(cmd: Callable) -> Callable:
     run.__name__ = run.__qualname__ = f"{cmd.__name__}_launch"
     return run
 
-cmd_train_launch = launched(cmd_train)  # lrp-scratch train
+def cmd_train_launch(args) -> int:
+    "lrp-scratch train, in this process or (--nproc) as a torchrun job; --out's checkpoint is checked before any process starts."
+    if args.nproc is not None and resume_plan(args)[0] == 'done': return _say_done(args, Path(args.out)/'checkpoint.pt')
+    return launched(cmd_train)(args)
 
 
 # %% ../nbs/14_cli.ipynb #b7f2d4e6
@@ -893,12 +985,13 @@ def main(argv: Sequence[str]|None = None, # the arguments (default: sys.argv[1:]
     try: return args.func(args)
     except USER_ERRORS + LIBRARY_ERRORS as e:
         if args.debug: raise
-        hint = (" | on the command line: point --root at the folder that holds MNIST/raw/, allow the download (no --no-download), "
-                "use --mnist-test-only, or use --dataset digits") if isinstance(e, DatasetFileError) and 'not found' in str(e) else ''
-        print(f"lrp-scratch {args.command}: error: {one_line(e)}{hint}", file=sys.stderr)
+        print(f"lrp-scratch {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"lrp-scratch {args.command}: interrupted", file=sys.stderr)
+        ck, hint = Path(getattr(args, 'out', None) or '.')/'checkpoint.pt', ''
+        if args.command == 'train' and ck.exists():
+            with contextlib.suppress(Exception): hint = f"; run the same command again to continue from {_rel(ck)} (epoch {load_checkpoint(ck)['epoch']})"
+        print(f"lrp-scratch {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 # `python -m lrp_scratch.cli ...`: runpy gives the module its own spec (a notebook kernel, also named __main__, has none)

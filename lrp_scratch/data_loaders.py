@@ -155,20 +155,19 @@ def load_mnist(root: str|Path, # the folder that holds MNIST/raw/
     if int(y.max()) > 9: raise DatasetFileError(f"{lbl_file}: labels must be 0..9, found {int(y.max())}")
     return x, y.long()
 
-def _missing_error(raw: Path, split: str, download_errors: str = '') -> DatasetFileError:
+def _missing_error(raw: Path, split: str, download_error: str = '') -> DatasetFileError:
+    "One paragraph: which files are missing where (and why: the download failed), where to put them, or the offline digits."
     which = 'training' if split == 'train' else 'test'
-    expected = ' and '.join(f'{stem}.gz' for stem, _ in MNIST_FILES[split][:2])
+    names = ' and '.join(f'{stem}.gz' for stem, _ in MNIST_FILES[split][:2])
+    four = ', '.join(f'{stem}.gz' for s in ('train', 'test') for stem, _ in MNIST_FILES[s][:2])
     there = sorted(p.name for p in raw.iterdir()) if raw.is_dir() else []
     return DatasetFileError(
-        f"MNIST {which} files not found in {raw}\n"
-        f"  expected: {expected} (or the same names without .gz)\n"
-        f"  found there: {', '.join(there) if there else 'nothing' if raw.is_dir() else 'the folder does not exist'}\n"
-        + (f"  download failed:\n{download_errors}" if download_errors else '') +
-        "Remedies:\n"
-        f"  - copy the MNIST files into {raw} (torchvision's layout <root>/MNIST/raw/: a torchvision download is reused),\n"
-        "  - or call get_dataset(root, download=True) on a machine with internet access,\n"
-        + ("  - or load the test split only: get_dataset(root, split='test') (then e.g. .random_split(0.8) for train/test),\n" if split == 'train' else '') +
-        "  - or use the embedded offline digits: get_dataset(root, dataset='digits').")
+        f"MNIST {which} files not found in {raw} ({names}"
+        + (f"; the folder holds {', '.join(there[:6])}" if there else '') + ")"
+        + (f", and the download failed ({download_error})" if download_error else '') + ". "
+        f"Put MNIST's files there (the four files {four}, or the same names without .gz; a torchvision download is reused)"
+        + (", load only the test split (split='test', then .random_split(0.8); --mnist-test-only on the command line)" if split == 'train' else '')
+        + ", or use the embedded offline digits instead (dataset='digits'; --dataset digits on the command line).")
 
 # %% ../nbs/03b_data_loaders.ipynb #c018
 def _fetch(url: str, folder: Path, filename: str, md5: str):
@@ -188,17 +187,22 @@ def download_mnist(root: str|Path, # the folder that holds (or will hold) MNIST/
     raw = mnist_raw_folder(root)
     missing = _missing_files(raw, split)
     if not missing: return raw
+    created = [d for d in (raw, raw.parent, raw.parent.parent) if not d.exists()]  # deepest first: removed again if the download fails
     raw.mkdir(parents=True, exist_ok=True)
     md5s = dict(MNIST_FILES[split][:2])
-    errors = []
     for stem in missing:
+        errors = []
         for mirror in mnist_mirrors():
             try:
                 _fetch(f'{mirror}{stem}.gz', raw, f'{stem}.gz', md5s[stem])
                 break
             except (URLError, OSError, RuntimeError) as e:
-                errors.append(f"    {mirror}{stem}.gz: {type(e).__name__}: {e}")
-        else: raise _missing_error(raw, split, '\n'.join(errors) + '\n')
+                errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'}")
+        else:
+            for d in created:
+                if d.is_dir() and not any(d.iterdir()): d.rmdir()
+            tried = f"{len(errors)} mirrors, e.g. {mnist_mirrors()[0]}{stem}.gz: {errors[0]}" if errors else 'no mirror'
+            raise _missing_error(raw, split, tried)
     return raw
 
 # %% ../nbs/03b_data_loaders.ipynb #c021

@@ -15,7 +15,7 @@ from .core import atomic_write
 from .lrp import Composite, EpsilonPlusFlat, LRPModel, get_composite
 from .rules import _check_top_k
 from .data_loaders import InMemoryDataset
-from .distributed import barrier, init_distributed, shard_range
+from .distributed import all_reduce_sum, barrier, init_distributed, shard_range
 
 # %% auto #0
 __all__ = ['STORE_FORMAT', 'STORE_VERSION', 'MANIFEST', 'TARGETS', 'StoreError', 'item_dtype', 'chunk_ranges', 'chunk_files',
@@ -228,6 +228,7 @@ def explain_dataset(model: nn.Module, # the classifier (in eval mode for explana
                     indices: Sequence[int]|None = None, # the dataset items to explain, in this order (default: all)
                     device: str|torch.device|None = None, # where to compute (default: the model's device)
                     progress: bool|str = True, # a progress bar with images/s (rank 0 only; 'text': always a text bar)
+                    meta: dict|None = None, # plain values recorded in the manifest (`meta`, not compared), e.g. the command line's arguments
                    ): # the `RelevanceStore` of `out_dir` (defined below; no annotation, so the docs can evaluate the signature)
     "Explain every item of `dataset` and store the relevance, outputs and labels in `out_dir`; returns its `RelevanceStore` (resumable; sharded under torchrun)."
     if not isinstance(model, nn.Module): raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -244,6 +245,11 @@ def explain_dataset(model: nn.Module, # the classifier (in eval mode for explana
     if idx.min() < 0 or idx.max() >= n_data: raise IndexError(f"indices must be in [0, {n_data}) (the dataset's length), got {idx.min()}..{idx.max()}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir(): raise NotADirectoryError(f"{out_dir} is a file; give a folder for the store")
+    if out_dir.is_dir() and not (out_dir/MANIFEST).exists():  # (hidden names: other ranks' temporary files)
+        others = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith('.') and p.name != 'chunks')
+        if others: raise StoreError(f"{out_dir} is not a relevance store (it has no {MANIFEST}) and holds other files ({', '.join(others[:5])}"
+                                    f"{', ...' if len(others) > 5 else ''}): the store is not mixed into it. Give a new or empty folder, "
+                                    f"e.g. {out_dir/'relevance'}")
     p = next(model.parameters(), None)
     device = torch.device(device) if device is not None else (p.device if p is not None else torch.device('cpu'))
     env = init_distributed(device)
@@ -252,8 +258,9 @@ def explain_dataset(model: nn.Module, # the classifier (in eval mode for explana
     with torch.no_grad(): was_training = model.training; n_classes = model.eval()(x0.to(device)).shape[1]; model.train(was_training)
     manifest = make_manifest(model, dataset, composite, _check_top_k(top_k), target, reduce, idx, int(batch_size), int(chunk_size),
                              n_classes, tuple(x0.shape[1:]), device)
+    manifest['meta'] = _jsonable(meta or {})
     if (out_dir/MANIFEST).exists():
-        diff = manifest_diff(read_manifest(out_dir), manifest)
+        diff = manifest_diff({k: v for k, v in read_manifest(out_dir).items() if k != 'meta'}, {k: v for k, v in manifest.items() if k != 'meta'})
         if diff:
             raise StoreError(f"{out_dir} holds results computed with other arguments, which cannot be mixed with these: " + '; '.join(diff) +
                              ". Call explain_dataset with the store's arguments to resume it, or give another out_dir")
@@ -262,6 +269,7 @@ def explain_dataset(model: nn.Module, # the classifier (in eval mode for explana
             raise StoreError(f"{out_dir} holds chunk files but no {MANIFEST}: what computed them is unknown, so they cannot be resumed; "
                              "delete the folder or give another out_dir")
         text = json.dumps(manifest, indent=1)
+        if env.world_size > 1: barrier()  # every rank checked the folder above before any writes into it
         atomic_write(out_dir/MANIFEST, lambda f: f.write(text.encode()))
     shape = tuple(manifest['shape'])
     chunks = chunk_ranges(len(idx), int(chunk_size))
@@ -304,7 +312,10 @@ def explain_dataset(model: nn.Module, # the classifier (in eval mode for explana
         # the job if a rank fails), and the barrier, the only collective, then meets at once, far from gloo's timeout
         _wait_for_chunks(out_dir, chunks)
         barrier()
-    return RelevanceStore(out_dir)
+    store = RelevanceStore(out_dir)
+    done_here = sum(map(len, todo))
+    store.computed = int(all_reduce_sum([done_here])[0]) if env.world_size > 1 else done_here  # items this call explained (0: it was complete)
+    return store
 
 # %% ../nbs/15_relevance_store.ipynb #552bbd75
 class StoreItems(NamedTuple):

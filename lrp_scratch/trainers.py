@@ -22,7 +22,7 @@ from .distributed import (DistributedSetupError, all_gather_object, all_reduce_s
 
 # %% auto #0
 __all__ = ['HISTORY_COLUMNS', 'CHECKPOINT_FORMAT', 'SCHEDULERS', 'MONITORS', 'History', 'CheckpointError', 'atomic_save',
-           'load_checkpoint', 'check_state_dict', 'rng_state', 'set_rng_state', 'loader_generators',
+           'load_torch_file', 'load_checkpoint', 'check_state_dict', 'rng_state', 'set_rng_state', 'loader_generators',
            'NonFiniteLossError', 'Trainer', 'MPTrainer']
 
 # %% ../nbs/09_trainers.ipynb #0a2a0a5b
@@ -126,29 +126,54 @@ def atomic_save(obj, path: str|Path, # the file to (over)write; parent folders a
     if path.is_dir(): raise IsADirectoryError(f"{path} is a folder; give a file name such as {path/'checkpoint.pt'}")
     return atomic_write(path, lambda f: save(obj, f))
 
-def load_checkpoint(path: str|Path, # a file written by `Trainer.save_model` (or a plain state dict)
+def _file_kind(head: bytes) -> str:
+    "What a file's first bytes say it is: 'zip' (torch.save), 'pickle' (pickle.dump or torch.save's legacy format), 'empty' or 'other'."
+    if not head: return 'empty'
+    if head.startswith(b'PK\x03\x04'): return 'zip'
+    return 'pickle' if head[:1] == b'\x80' else 'other'
+
+def load_torch_file(path: str|Path, # a file written by `torch.save` (a checkpoint, a state dict)
                     map_location: str|torch.device = 'cpu', # where to put the tensors
-                   ) -> dict:
-    "Load a checkpoint safely (`weights_only=True`) with clear errors for missing, corrupt and unsafe files."
+                    what: str = 'checkpoint', # what the file should be, named in the messages
+                   ):
+    "`torch.load(path, weights_only=True)` without torch's warnings, and a `CheckpointError` that says what the file is when it fails."
     path = Path(path)
     if not path.exists():
         near = sorted(p.name for p in path.parent.iterdir() if p.is_file())[:8] if path.parent.is_dir() else []
-        raise FileNotFoundError(f"checkpoint {path} does not exist" +
+        raise FileNotFoundError(f"{what} {path} does not exist" +
                                 (f"; files in {path.parent}: {', '.join(near)}" if near else f" (nor does the folder {path.parent})" if not path.parent.is_dir() else ''))
-    if path.is_dir(): raise IsADirectoryError(f"checkpoint {path} is a folder; give the checkpoint file (e.g. {path/'checkpoint.pt'})")
-    try: ck = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        glob = next((l.split('Unsupported global:')[1].split(' was not')[0].strip() for l in str(e).splitlines() if 'Unsupported global:' in l), None)
-        if glob:
-            raise CheckpointError(f"{path} holds objects other than tensors and plain containers ({glob}), so it cannot be loaded safely "
-                                  "(torch.load(weights_only=True) refuses it). If you trust its source, load it with "
-                                  "torch.load(path, weights_only=False) and pass the model's state dict to model.load_state_dict") from e
-        raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'}); "
-                              "use an earlier checkpoint or retrain") from e
+    if path.is_dir(): raise IsADirectoryError(f"{what} {path} is a folder; give the {what} file itself" + (f" (e.g. {path/'checkpoint.pt'})" if what == 'checkpoint' else ''))
+    with open(path, 'rb') as f: head = f.read(16)
+    kind, size = _file_kind(head), path.stat().st_size
+    remedy = "Save a model's weights with torch.save(model.state_dict(), FILE), or a training run with Trainer.save_model."
+    if kind == 'empty': raise CheckpointError(f"{path} is empty (0 bytes), not a {what}: it was not written completely. {remedy}")
+    if kind == 'other':
+        text = head.decode('ascii', 'replace')
+        looks = 'a text file' if all(32 <= b < 127 or b in b'\t\r\n' for b in head) else 'a file of another kind'
+        raise CheckpointError(f"{path} is not a {what}: it is {looks} (it starts with {text!r}), while a file of torch.save starts "
+                              f"with a zip or pickle header. Give the {what} file itself. {remedy}")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols and weights_only: the message below says it all
+            warnings.simplefilter('ignore')
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        msg = str(e).splitlines()[0][:160] if str(e) else 'no details'
-        raise CheckpointError(f"{path} is corrupt or truncated, not a complete checkpoint ({type(e).__name__}: {msg}); "
-                              "use an earlier checkpoint or retrain") from e
+        glob = next((l.split('Unsupported global:')[1].split(' was not')[0].strip().removeprefix('GLOBAL ')
+                     for l in str(e).splitlines() if 'Unsupported global:' in l), None)
+        if glob:
+            raise CheckpointError(f"{path} is a pickle of Python objects ({glob}: a whole model?), not a {what} of tensors and plain "
+                                  f"values, so it cannot be loaded safely (loading it could run any code). {remedy}") from None
+        if kind == 'pickle':
+            raise CheckpointError(f"{path} is not a {what}: it is a Python pickle (written by pickle.dump, not torch.save) of something "
+                                  f"that is not tensors and plain values. {remedy}") from None
+        raise CheckpointError(f"{path} is corrupt or truncated: it starts like a file of torch.save (a zip archive) but cannot be read "
+                              f"to its end ({size:,} bytes; {type(e).__name__}). It was copied or written incompletely: use an earlier "
+                              f"copy or retrain.") from None
+
+def load_checkpoint(path: str|Path, # a file written by `Trainer.save_model` (or a plain state dict)
+                    map_location: str|torch.device = 'cpu', # where to put the tensors
+                   ) -> dict:
+    "Load a checkpoint safely (`load_torch_file`: `weights_only=True`) with clear errors for missing, corrupt and unsafe files."
+    ck = load_torch_file(path, map_location, 'checkpoint')
     if not isinstance(ck, dict):
         raise CheckpointError(f"{path} holds a {type(ck).__name__}, not a checkpoint (a dict written by Trainer.save_model) or a state dict")
     return ck
@@ -271,6 +296,7 @@ class Trainer:
                  distributed: bool|str = 'auto', # 'auto': data-parallel (DDP) under torchrun with several processes; True: under torchrun; False: never
                  sync_batchnorm: bool = False, # distributed on CUDA: BatchNorm statistics over all ranks (SyncBatchNorm)
                  auto_resume: bool|None = None, # continue from checkpoint_path when it exists; None: only in a distributed run
+                 meta: dict|None = None, # plain values saved with the run's config (`config['meta']`), e.g. the command line's arguments
                 ):
         if not isinstance(model, nn.Module): raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not hasattr(train_dataloader, '__iter__'): raise TypeError(f"train_dataloader must be iterable (batches of (x, y)), got {type(train_dataloader).__name__}")
@@ -309,7 +335,7 @@ class Trainer:
         self.history, self.epoch = History(), 0
         self._best, self._best_epoch, self._wait, self._best_state = None, None, 0, None
         self._last_checkpoint = None
-        self.auto_resume = auto_resume
+        self.auto_resume, self.meta = auto_resume, dict(meta or {})
         self._setup_distributed(distributed, sync_batchnorm)
 
     @staticmethod
@@ -350,7 +376,7 @@ class Trainer:
                            early_stopping=self.early_stopping, monitor=self.monitor, mixed_precision=self.mixed_precision,
                            amp_dtype=self.amp_dtype, device=str(self.device), compile=bool(self.compile),
                            channels_last=self.channels_last, torch=torch.__version__,
-                           world_size=self.world_size))
+                           world_size=self.world_size, meta=self.meta))
 
     def __repr__(self):
         prec = f"autocast {str(self.amp_dtype).replace('torch.', '')}" if self.mixed_precision else 'float32'

@@ -4,6 +4,7 @@
 
 # %% ../nbs/12_visualization.ipynb #714d79c0
 from __future__ import annotations
+import warnings
 from pathlib import Path
 from typing import Sequence
 import numpy as np
@@ -14,8 +15,8 @@ from .core import atomic_write
 from .lrp import LRPModel, classic, EpsilonPlusFlat, EpsilonPlus, EpsilonAlpha2Beta1, EpsilonGammaBox
 
 # %% auto #0
-__all__ = ['SIGNED_CMAPS', 'normalize_relevance', 'apply_cmap', 'relevance_to_rgb', 'save_png', 'plot_relevance_scores',
-           'overlay', 'relevance_grid', 'explore']
+__all__ = ['SIGNED_CMAPS', 'BLANK_HEATMAP', 'normalize_relevance', 'apply_cmap', 'relevance_to_rgb', 'save_png',
+           'BlankHeatmapWarning', 'is_blank', 'plot_relevance_scores', 'overlay', 'relevance_grid', 'explore']
 
 # %% ../nbs/12_visualization.ipynb #791b106d
 _CMAPS = {  # piecewise-linear colormaps: channel -> [(position, value), ...] (the definitions matplotlib uses)
@@ -87,6 +88,18 @@ def _relevance_maps(r, n) -> list:
     elif a.dim() != 3: raise ValueError(f"relevance must be (H, W), (N, H, W) or (N, C, H, W), got shape {tuple(a.shape)}")
     return [a[i] for i in range(min(n, len(a)))]
 
+class BlankHeatmapWarning(UserWarning):
+    "The relevance to draw is all zero: the heatmap would be blank."
+
+BLANK_HEATMAP = ("the relevance is all zero, so the heatmap is blank: the explained output is 0, or no relevance reached the input on its "
+                 "way back through the model, which is what a random (untrained) or dead model gives (e.g. ReLUs that never fire). "
+                 "Load trained weights, check the model's outputs, or explain another target or with another composite")
+
+def is_blank(r) -> bool:
+    "Whether every relevance value is zero (its heatmap is blank)."
+    a = r.detach() if isinstance(r, torch.Tensor) else torch.as_tensor(np.asarray(r))
+    return not bool(a.any())
+
 def plot_relevance_scores(x: torch.Tensor, # image (C, H, W) or batch (N, C, H, W)
                           r: torch.Tensor, # relevance: (H, W), (N, H, W) or (N, C, H, W)
                           name: str = '', # title, and the file stem when saving
@@ -102,6 +115,7 @@ def plot_relevance_scores(x: torch.Tensor, # image (C, H, W) or batch (N, C, H, 
     if xb.dim() != 4: raise ValueError(f"x must be (C, H, W) or (N, C, H, W), got shape {tuple(x.shape)}")
     maps = _relevance_maps(r, n)
     n = min(n, len(xb), len(maps))
+    if is_blank(torch.stack(maps[:n])): warnings.warn(BLANK_HEATMAP, BlankHeatmapWarning, stacklevel=2)
     h, w = xb.shape[-2:]
     if tuple(maps[0].shape) != (h, w): raise ValueError(f"relevance maps are {tuple(maps[0].shape)} but the images are {(h, w)}")
     fw = max_fig_size if n == 1 else min(max_fig_size, 6)
