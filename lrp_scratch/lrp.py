@@ -376,11 +376,16 @@ def explain(self: LRPModel,
         lm = self if top_k is None else LRPModel(self.model, top_k, self.composite, self.renormalize, self.cache_params)
         return conditional_relevance(lm, x, target, conditions, exclusive, composite=composite)
     self._check_input(x)
+    self._check_shape(x)
     record = {} if return_layers else None
     with self.rules_applied(composite, top_k, record) as (run, _):
         xg = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            out = run(xg)
+            try: out = run(xg)
+            except RuntimeError as e:  # the model cannot take this input (a size its pools or head do not allow)
+                size = getattr(self.model, 'input_size', None)
+                built = f" It was built for inputs of {size}x{size} (`input_size`): resize or pad the images to that." if size else ''
+                raise ValueError(f"The model cannot run on x of shape {tuple(x.shape)}: {str(e).splitlines()[0]}.{built}") from None
             if not isinstance(out, torch.Tensor): raise TypeError(f"the model returned {type(out).__name__}; LRP needs a tensor output")
             seed = _seed(out, target)
             if not out.requires_grad:
@@ -390,9 +395,36 @@ def explain(self: LRPModel,
     return (r, out, record) if return_layers else (r, out)
 
 @patch
+def _input_layer(self: LRPModel) -> tuple|None:
+    "(name, module) of the conv or linear layer that reads the model's input, where the graph shows one."
+    g = self._graph(self.composite)
+    if g.module is None: return None
+    x = next((n for n in g.module.graph.nodes if n.op == 'placeholder'), None)
+    for n in g.module.graph.nodes:
+        if n.op == 'call_module' and n.args and n.args[0] is x:
+            m = g.module.get_submodule(n.target)
+            return (g.names.get(n.target, n.target), m) if isinstance(m, LINEAR_TYPES) else None
+    return None
+
+@patch
+def _check_shape(self: LRPModel, x: torch.Tensor, single: bool = False):
+    "x's channels (or features) against the layer that reads it: a clear error instead of a shape error deep in the model."
+    first = self._input_layer()
+    if first is None: return
+    name, m = first
+    conv = not isinstance(m, nn.Linear)
+    want, dim = (m.in_channels, 0 if single else 1) if conv else (m.in_features, -1)
+    if x.dim() <= max(dim, 0) or x.shape[dim] == want: return
+    shape = f"({want}, H, W)" if single else (f"(N, {want}, H, W)" if conv else f"(N, {want})")
+    hint = f"; a batch of {x.shape[0]} single-channel images is x[:, None]" if single and want == 1 else ''
+    raise ValueError(f"x has shape {tuple(x.shape)} but the model's first layer `{name}` ({type(m).__name__}) takes {want} "
+                     f"{'channels' if conv else 'features'}: {'one image' if single else 'x'} must have the shape {shape}{hint}")
+
+@patch
 def forward(self: LRPModel, x: torch.Tensor) -> torch.Tensor:
     "The original call: relevance from the softmax seed, summed over channels, on the CPU: (H, W) for one image, (N, H, W) for a batch."
     single = isinstance(x, torch.Tensor) and x.dim() == 3
+    if single: self._check_shape(x, single=True)
     r, _ = self.explain(x[None] if single else x)
     r = r.sum(1).detach().cpu()
     return r[0] if r.shape[0] == 1 else r
