@@ -163,7 +163,7 @@ def _missing_error(raw: Path, split: str, download_error: str = '') -> DatasetFi
     there = sorted(p.name for p in raw.iterdir()) if raw.is_dir() else []
     return DatasetFileError(
         f"MNIST {which} files not found in {raw} ({names}"
-        + (f"; the folder holds {', '.join(there[:6])}" if there else '') + ")"
+        + (f"; the folder holds {', '.join(there[:6])}" if there else '; the folder does not exist' if not raw.is_dir() else '') + ")"
         + (f", and the download failed ({download_error})" if download_error else '') + ". "
         f"Put MNIST's files there (the four files {four}, or the same names without .gz; a torchvision download is reused)"
         + (", load only the test split (split='test', then .random_split(0.8); --mnist-test-only on the command line)" if split == 'train' else '')

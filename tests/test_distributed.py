@@ -316,9 +316,16 @@ def test_cli_train_nproc_then_torchrun_resumes(tmp_path):
     ck = load_checkpoint(tmp_path/'run'/'checkpoint.pt')
     assert (ck['epoch'], ck['world_size'], ck['config']['model_config']['width']) == (1, 2, 0.125)
     assert not any(k.startswith('module.') for k in ck['model'])
-    second = torchrun('train', '--out', 'run', '--epochs', '2', *CLI_TINY, cwd=tmp_path, module='lrp_scratch')
+    cwd = os.getcwd()
+    try:  # other arguments (a larger --epochs) are refused before any process starts, naming the flag; the same ones: nothing to do
+        os.chdir(tmp_path)
+        assert main(['train', '--nproc', '2', '--out', 'run', '--epochs', '2', *CLI_TINY]) == 1
+        assert main(['train', '--nproc', '2', '--out', 'run', '--epochs', '1', *CLI_TINY]) == 0
+    finally: os.chdir(cwd)
+    assert load_checkpoint(tmp_path/'run'/'checkpoint.pt')['epoch'] == 1
+    second = torchrun('train', '--out', 'run', '--epochs', '2', '--resume', *CLI_TINY, cwd=tmp_path, module='lrp_scratch')
     _ok(second)
-    assert 'auto_resume: continuing from run/checkpoint.pt' in (tmp_path/'run'/'log.txt').read_text()
+    assert 'resumed run/checkpoint.pt at epoch 1' in (tmp_path/'run'/'log.txt').read_text()
     ck = load_checkpoint(tmp_path/'run'/'checkpoint.pt')
     assert ck['epoch'] == 2 and len(ck['history']['epoch']) == 2
     cwd = os.getcwd()
