@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from .lrp_graph import LINEAR_TYPES, BATCHNORM_TYPES, LRPGraph, Op, Linear, trace, standard
 from .rules import (Rule, Epsilon, ZPlus, Alpha2Beta1, Gamma, ZBox, Flat, Pass, SignalTakesAll, Norm, MaxPoolAsAvg,
-                               OnesInput, UniformProduct)
+                               OnesInput, UniformProduct, CentredNorm)
 from .canonizers import MergeBatchNorm, _eval_and_out_of_place
 
 # %% auto #0
@@ -58,6 +58,17 @@ _TORCH_TYPES = LINEAR_TYPES + BATCHNORM_TYPES + (nn.LayerNorm, nn.GroupNorm)
 
 def _is_linear(m) -> bool: return isinstance(m, Linear) or (isinstance(m, LINEAR_TYPES) and standard(m))
 
+def _listing(bad: list, shown: int = 3) -> str:
+    "Modules without a rule, grouped by type: `a` (pkg.Type); 12 modules of pkg.Other (`b`, `c`, `d` and 9 more)."
+    groups = {}
+    for n, m in bad: groups.setdefault(f"{type(m).__module__}.{type(m).__name__}", []).append(n or '<model>')
+    out = []
+    for t, names in groups.items():
+        if len(names) == 1: out.append(f"`{names[0]}` ({t})"); continue
+        more = f" and {len(names) - shown} more" if len(names) > shown else ''
+        out.append(f"{len(names)} modules of type {t} (" + ', '.join(f"`{n}`" for n in names[:shown]) + more + ")")
+    return '; '.join(out)
+
 def _check_entries(what, pairs):
     for i, e in enumerate(pairs):
         ok = isinstance(e, (tuple, list)) and len(e) == 2 and (isinstance(e[1], Rule) or e[1] is None)
@@ -80,7 +91,7 @@ class Composite:
                  gate_rule: Rule|None = None, # rule of gates (x * f(x)), default SignalTakesAll()
                  cat_rule: Rule|None = None, # rule of torch.cat; default None: the gradient (each input its slice)
                  constant_rule: Rule|None = None, # rule of ops with a constant (x * c, x + c), default Pass()
-                 norm_rule: Rule|None = None, # rule of LayerNorm (modules and F.layer_norm), default Pass()
+                 norm_rule: Rule|None = None, # rule of normalisations (LayerNorm, GroupNorm, x / norm), default CentredNorm(); Pass(): the identity
                  batchnorm_rule: Rule|None = None, # rule of a BatchNorm that cannot be folded, default Pass()
                  product_rule: Rule|None = None, # rule of products of two tensors that both carry relevance, default UniformProduct()
                  name: str|None = None):
@@ -98,7 +109,7 @@ class Composite:
         self.canonizers = tuple(canonizers) if canonizers is not None else (MergeBatchNorm(),)
         self.activation_rule, self.pool_rule, self.maxpool_rule = activation_rule or Pass(), pool_rule or Norm(), maxpool_rule
         self.sum_rule, self.gate_rule, self.cat_rule = sum_rule or Norm(), gate_rule or SignalTakesAll(), cat_rule
-        self.constant_rule, self.norm_rule, self.batchnorm_rule = constant_rule or Pass(), norm_rule or Pass(), batchnorm_rule or Pass()
+        self.constant_rule, self.norm_rule, self.batchnorm_rule = constant_rule or Pass(), norm_rule or CentredNorm(), batchnorm_rule or Pass()
         self.name = name or type(self).__name__
 
     def rule_for(self, name: str, module: nn.Module, first: bool) -> Rule|None|str:
@@ -163,11 +174,11 @@ class Composite:
         entries = self.entries(model, graph)
         bad = [(n, m) for n, m, r, _ in entries if isinstance(r, str)]
         if bad:
-            lst = '; '.join(f"`{n or '<model>'}` ({type(m).__module__}.{type(m).__name__})" for n, m in bad)
-            raise TypeError(f"LRP has no rule for {lst}. Supported: Linear, Conv1d/2d/3d, activations, pooling, BatchNorm, "
-                            f"LayerNorm, Flatten, Identity, Dropout, and the functional ops of LRP on graphs. Give it one with the "
-                            f"composite, e.g. `EpsilonPlusFlat(layer_map=[({type(bad[0][1]).__name__}, Pass())])` or "
-                            f"`name_map={{'{bad[0][0]}': Norm()}}`, or write a Rule subclass (see the LRP docs).")
+            raise TypeError(f"LRP has no rule for {_listing(bad)}. Supported: Linear, Conv1d/2d/3d, activations, pooling, "
+                            f"BatchNorm, LayerNorm, Flatten, Identity, Dropout, and the functional ops of LRP on graphs. Give it "
+                            f"one with the composite, e.g. `EpsilonPlusFlat(layer_map=[({type(bad[0][1]).__name__}, Pass())])` "
+                            f"(Pass hands relevance through unchanged: right for element-wise, shape-keeping modules) or "
+                            f"`name_map={{'{bad[0][0]}': Pass()}}`, or write a Rule subclass (see the LRP docs).")
         out = {n: (m, r) for n, m, r, note in entries if r is not None and not note.startswith('folded')}
         for name, (m, rule) in out.items():
             if rule.needs_params and not _is_linear(m):
@@ -237,7 +248,7 @@ def Uniform(rule: Rule, layer_map=(), first_map=(), **kw) -> Composite:
     "The same rule on every linear layer; for `Epsilon(e)` also the z-rule with e on sums, pools and products (`Uniform(Epsilon(0))` is exact LRP-0)."
     if isinstance(rule, Epsilon):
         e = rule.epsilon
-        kw = dict(sum_rule=Norm(e), pool_rule=Norm(e), product_rule=UniformProduct(e)) | kw
+        kw = dict(sum_rule=Norm(e), pool_rule=Norm(e), product_rule=UniformProduct(e), norm_rule=CentredNorm(e)) | kw
     return _preset(f'Uniform({rule!r})', [(LINEAR_TYPES, rule)], (), layer_map, first_map, **kw)
 
 # %% ../nbs/08e_lrp_composites.ipynb #677d89e1

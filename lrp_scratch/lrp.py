@@ -14,7 +14,7 @@ from fastcore.basics import patch
 from .lrp_graph import LINEAR_TYPES, GRADIENT_METHODS, SHAPE_METHODS, LRPGraph, Op, Sum, Linear, UnsupportedOpError
 from .rules import (relevance_filter, LRPContext, redistribute, redistribute_graph, Rule, Epsilon, LRP0, ZPlus,
                                AlphaBeta, Alpha1Beta0, Alpha2Beta1, Gamma, ZBox, Flat, WSquare, Pass, SignalTakesAll, Norm,
-                               MaxPoolAsAvg, OnesInput, UniformProduct, _check_top_k, _filter_count)
+                               MaxPoolAsAvg, OnesInput, UniformProduct, CentredNorm, _check_top_k, _filter_count)
 from .composites import (CONV_TYPES, ACTIVATION_TYPES, AVGPOOL_TYPES, MAXPOOL_TYPES, NORM_TYPES, GRADIENT_TYPES,
                                     PRESETS, Composite, EpsilonPlus, EpsilonPlusFlat, EpsilonGammaBox, EpsilonAlpha2Beta1,
                                     EpsilonAlpha2Beta1Flat, Uniform, classic, get_composite, _linear_fn)
@@ -24,16 +24,16 @@ from .canonizers import MergeBatchNorm, _eval_and_out_of_place
 __all__ = ['LayerRelevance', 'LRPModel', 'CONV_TYPES', 'ACTIVATION_TYPES', 'AVGPOOL_TYPES', 'MAXPOOL_TYPES', 'NORM_TYPES',
            'GRADIENT_TYPES', 'PRESETS', 'relevance_filter', 'LRPContext', 'redistribute', 'redistribute_graph', 'Rule',
            'Epsilon', 'LRP0', 'ZPlus', 'AlphaBeta', 'Alpha1Beta0', 'Alpha2Beta1', 'Gamma', 'ZBox', 'Flat', 'WSquare',
-           'Pass', 'SignalTakesAll', 'Norm', 'MaxPoolAsAvg', 'UniformProduct', 'Composite', 'EpsilonPlus',
-           'EpsilonPlusFlat', 'EpsilonGammaBox', 'EpsilonAlpha2Beta1', 'EpsilonAlpha2Beta1Flat', 'Uniform', 'OnesInput',
-           'classic', 'get_composite', 'MergeBatchNorm']
+           'Pass', 'SignalTakesAll', 'Norm', 'MaxPoolAsAvg', 'UniformProduct', 'CentredNorm', 'Composite',
+           'EpsilonPlus', 'EpsilonPlusFlat', 'EpsilonGammaBox', 'EpsilonAlpha2Beta1', 'EpsilonAlpha2Beta1Flat',
+           'Uniform', 'OnesInput', 'classic', 'get_composite', 'MergeBatchNorm']
 
 # %% ../nbs/08_lrp.ipynb #ad9ebe65
 # the public names of the rules, composites and canonizers pages, re-exported: `from lrp_scratch.lrp import *` binds them
 _all_ = ['CONV_TYPES', 'ACTIVATION_TYPES', 'AVGPOOL_TYPES', 'MAXPOOL_TYPES', 'NORM_TYPES', 'GRADIENT_TYPES', 'PRESETS',
          'relevance_filter', 'LRPContext', 'redistribute', 'redistribute_graph', 'Rule', 'Epsilon', 'LRP0', 'ZPlus',
          'AlphaBeta', 'Alpha1Beta0', 'Alpha2Beta1', 'Gamma', 'ZBox', 'Flat', 'WSquare', 'Pass', 'SignalTakesAll',
-         'Norm', 'MaxPoolAsAvg', 'UniformProduct', 'Composite', 'EpsilonPlus', 'EpsilonPlusFlat', 'EpsilonGammaBox',
+         'Norm', 'MaxPoolAsAvg', 'UniformProduct', 'CentredNorm', 'Composite', 'EpsilonPlus', 'EpsilonPlusFlat', 'EpsilonGammaBox',
          'EpsilonAlpha2Beta1', 'EpsilonAlpha2Beta1Flat', 'Uniform', 'OnesInput', 'classic', 'get_composite',
          'MergeBatchNorm']
 
@@ -76,7 +76,7 @@ class _Node:
         if len(xs) == 1 or isinstance(self.module, Linear): return LRPContext(self.module, xs[i], y, params, self.fn, graph, k)
         # an op with constants among its inputs: the rule sees a function of the relevance-carrying input alone
         fn = lambda v, w=None, b=None: self.original_forward(*xs[:i], v, *xs[i + 1:])
-        return LRPContext(self.module, xs[i], y, self.params, fn, graph, k)
+        return LRPContext(self.module, xs[i], y, dict(self.params, inputs=tuple(xs)), fn, graph, k)
 
     def relevance(self, xs, y, r, graph, shapes):
         mask = self.masks.get(self.name) if self.masks else None

@@ -15,8 +15,8 @@ import torch.fx as fx
 __all__ = ['LINEAR_TYPES', 'BATCHNORM_TYPES', 'OPS', 'OP_KINDS', 'GRADIENT_FUNCTIONS', 'GRADIENT_METHODS', 'IDENTITY_FUNCTIONS',
            'SHAPE_METHODS', 'MAXPOOL_MODULES', 'SQUASH_MODULES', 'INPLACE', 'NONPATH_METHODS', 'NONPATH_FUNCTIONS',
            'UnsupportedOpError', 'standard', 'Op', 'Sum', 'Gate', 'Product', 'Concat', 'Constant', 'Activation', 'Pool',
-           'Normalization', 'BatchNorm', 'Move', 'fold_batchnorm', 'BatchNormParams', 'Linear', 'register_op',
-           'op_kind', 'LRPGraph', 'trace']
+           'Normalization', 'centring', 'BatchNorm', 'Move', 'fold_batchnorm', 'BatchNormParams', 'Linear',
+           'register_op', 'op_kind', 'LRPGraph', 'trace']
 
 # %% ../nbs/08b_lrp_graph.ipynb #4679efa4
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -63,7 +63,10 @@ class Op(nn.Module):
                 ):
         super().__init__()
         self.fn, self.args, self.kwargs, self.path = fn, tuple(args), dict(kwargs or {}), tuple(path)
-    def forward(self, *xs): return _call(self.fn, _fill(self.args, xs), _fill(self.kwargs, xs))
+    def forward(self, *xs): return _call(self.fn, *self.call(xs))
+    def call(self, xs) -> tuple:
+        "(args, kwargs) of the call with inputs xs."
+        return _fill(self.args, xs), _fill(self.kwargs, xs)
     @property
     def label(self) -> str: return _fn_name(self.fn)
     def extra_repr(self) -> str: return self.label
@@ -126,6 +129,34 @@ class Pool(Op):
 class Normalization(Op):
     "A normalisation (`F.layer_norm`, `F.group_norm`, `x / x.norm(...)`, `x * rsqrt(...)`): the normaliser is a constant of the call."
     kind = 'norm'
+
+def centring(module: nn.Module, xs: tuple) -> Callable|None:
+    "v -> the normalisation of v with its normaliser 1/sigma held constant (a linear map: centring, scale, shift); None where it does not centre."
+    import inspect as _inspect
+    if isinstance(module, Normalization) and module.fn in (F.layer_norm, F.group_norm, F.instance_norm):
+        args, kwargs = module.call(xs)
+        a = _inspect.signature(module.fn).bind(*args, **kwargs).arguments
+        if module.fn is F.layer_norm: how, dims = 'layer', len(tuple(a['normalized_shape']))
+        elif module.fn is F.group_norm: how, dims = 'group', a['num_groups']
+        else:
+            if a.get('running_mean') is not None and not a.get('use_input_stats', True): return None
+            how, dims = 'group', None
+        w, b, eps = a.get('weight'), a.get('bias'), a.get('eps', 1e-5)
+    elif isinstance(module, nn.LayerNorm): how, dims, w, b, eps = 'layer', len(module.normalized_shape), module.weight, module.bias, module.eps
+    elif isinstance(module, nn.GroupNorm): how, dims, w, b, eps = 'group', module.num_groups, module.weight, module.bias, module.eps
+    elif isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)) and module.running_mean is None:
+        how, dims, w, b, eps = 'group', None, module.weight, module.bias, module.eps
+    else: return None
+    def f(v):
+        if how == 'layer': vr, red = v, tuple(range(v.dim() - dims, v.dim()))
+        else: vr, red = v.reshape(v.shape[0], dims or v.shape[1], -1), (-1,)
+        sd = torch.sqrt(vr.var(red, keepdim=True, unbiased=False) + eps).detach()  # the normaliser: a constant of the call
+        y = ((vr - vr.mean(red, keepdim=True)) / sd).reshape(v.shape)
+        shape = w.shape if how == 'layer' and w is not None else (1, -1) + (1,) * (v.dim() - 2)
+        if w is not None: y = y * w.reshape(shape)
+        if b is not None: y = y + (b.reshape(shape) if how != 'layer' else b)
+        return y
+    return f
 
 class BatchNorm(Op):
     "`F.batch_norm` in eval mode: a per-channel affine map, folded into the linear map before it where it can be."
@@ -621,7 +652,11 @@ def trace(model: nn.Module, # the model (in eval mode: training-only branches ar
     receiving = _receiving(graph, path, decisions)
     bad = [n for n, d in decisions.items() if isinstance(d, str) and n in receiving]
     if bad:
-        lst = '; '.join(f"`{_fn_name(n.target)}` in `{_where(n) or '<model>'}` (node `{names[n]}`)" for n in bad)
+        groups = {}
+        for n in bad: groups.setdefault(_fn_name(n.target), []).append(n)
+        lst = '; '.join(f"`{f}` in `{_where(ns[0]) or '<model>'}` (node `{names[ns[0]]}`)"
+                        + (f" and {len(ns) - 1} more calls (in `{_where(ns[1]) or '<model>'}`, ...)" if len(ns) > 1 else '')
+                        for f, ns in groups.items())
         raise UnsupportedOpError(
             f"LRP has no rule for {lst}: relevance reaches it, and its gradient would not be the right flow. Known: data "
             f"movement, sums, products (gates, normalisations, two branches), ops with constants, linear maps (functional convs, "

@@ -10,12 +10,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .kernels import stabilized_div, filtered_stabilized_div, relevance_filter as _filter_k
-from .lrp_graph import Sum
+from .lrp_graph import Sum, centring
 
 # %% auto #0
 __all__ = ['relevance_filter', 'LRPContext', 'redistribute', 'redistribute_graph', 'Rule', 'Epsilon', 'LRP0', 'ZPlus',
            'AlphaBeta', 'Alpha1Beta0', 'Alpha2Beta1', 'Gamma', 'ZBox', 'Flat', 'WSquare', 'Pass', 'SignalTakesAll',
-           'Norm', 'UniformProduct', 'MaxPoolAsAvg', 'OnesInput']
+           'Norm', 'CentredNorm', 'UniformProduct', 'MaxPoolAsAvg', 'OnesInput']
 
 # %% ../nbs/08d_lrp_rules.ipynb #8b902fff
 def _check_top_k(top_k):
@@ -261,6 +261,15 @@ class Norm(Rule):
     def relevance(self, ctx, r):
         if isinstance(ctx.module, Sum): return _sum_relevance(ctx.module, ctx.x, r, self.stabilizer)
         return redistribute(ctx.fn, [(ctx.x, None, None)], r, self.stabilizer, ctx.k)
+
+class CentredNorm(Rule):
+    "AttnLRP Prop. 3.4 as LXT computes it: 1/sigma and the scale are constants, the centring x - mean(x) a linear map with the z-rule (identity where nothing is centred)."
+    needs_params, fuses_filter = False, True
+    def __init__(self, stabilizer: float = 1e-6): self.stabilizer = _check_eps('stabilizer', stabilizer)
+    def relevance(self, ctx, r):
+        f = centring(ctx.module, ctx.params.get('inputs', (ctx.x,)))
+        if f is None: return r  # RMS norms, F.normalize, division by a norm: the identity
+        return redistribute(lambda v, w=None, b=None: f(v), [(ctx.x, None, None)], r, self.stabilizer, ctx.k)
 
 class UniformProduct(Rule):
     "A product of n factors that all carry relevance: each gets 1/n of the z-rule, R_k = x_k dy/dx_k R / (n stab(y)) (AttnLRP, Prop. 3.2)."
