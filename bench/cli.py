@@ -6,12 +6,12 @@
 Default: each `python -m lrp_scratch [COMMAND] --help` (what the `lrp-scratch` console script runs) in a fresh process,
 median of `--reps`, against `python -c "import torch"` timed in the same run (the cost the help no longer pays).
 
-`--load`: `demo` with small options (`--n-train 1000 --n-test 200 --epochs 1 --n-explain 4`), once on the idle machine
-and once beside one busy loop (`python -c "while True: pass"`), for OMP_WAIT_POLICY unset (torch's default: the demo is
-run through `lrp_scratch.cli.main` imported as a library, which leaves the variable alone), ACTIVE and PASSIVE, with
-OMP_NUM_THREADS 1 and 2; then the command itself (`python -m lrp_scratch demo`, which sets PASSIVE when it is unset).
-Prints each time and its ratio busy/idle. The machine's load average is printed before and after: on a shared
-machine other work adds its own slowdown, so compare rows of the same run.
+`--load`: `demo` with small options (`--n-train 1000 --n-test 200 --epochs 1 --n-explain 4`) on the machine as it is
+and beside one busy loop (`python -c "while True: pass"`), for OMP_WAIT_POLICY unset (torch's default: the demo is run
+through `lrp_scratch.cli.main` imported as a library, which leaves the variable alone) and PASSIVE (`--policies`, also
+ACTIVE), with OMP_NUM_THREADS 1 and 2 (`--threads`); then the command itself (`python -m lrp_scratch demo`, which sets
+PASSIVE when it is unset). Medians of `--reps` interleaved rounds and the ratio busy/idle. The load average is printed
+after each round: on a shared machine other work adds its own slowdown, so compare rows of the same run.
 """
 import argparse, os, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -54,29 +54,35 @@ def busy_loop():
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
-def load_times(reps: int):
-    print(f"{os.cpu_count()} CPUs, {load()}; demo: {' '.join(DEMO)}; median of {reps}")
+def load_times(reps: int, policies: list[str], threads: list[int]):
+    print(f"{os.cpu_count()} CPUs, {load()}; demo: {' '.join(DEMO)}; median of {reps}, the runs interleaved")
     out = Path(tempfile.mkdtemp())
-    runs = [(policy, threads, [sys.executable, "-c", LIBRARY]) for policy in (None, "ACTIVE", "PASSIVE") for threads in (1, 2)]
-    runs += [("(command's default)", 2, [sys.executable, "-m", "lrp_scratch"])]
+    runs = [(p, t, [sys.executable, "-c", LIBRARY]) for p in policies for t in threads]
+    runs += [("(command's default)", max(threads), [sys.executable, "-m", "lrp_scratch"])]
+    times = {(p, t): ([], []) for p, t, _ in runs}
+    for _ in range(reps):  # every configuration once per round, so slow drifts in the machine's load hit all of them
+        for policy, t, cmd in runs:
+            env = {**ENV, "OMP_NUM_THREADS": str(t)}
+            env.pop("OMP_WAIT_POLICY", None)
+            if policy != "unset" and not policy.startswith("("): env["OMP_WAIT_POLICY"] = policy
+            args = [*cmd, *DEMO, "--out", str(out / "demo")]
+            times[policy, t][0].append(seconds(args, env))
+            hog = busy_loop()
+            try: times[policy, t][1].append(seconds(args, env))
+            finally: hog.kill(); hog.wait()
+        print(f"  round done, {load()}", flush=True)
     print(f"{'OMP_WAIT_POLICY':<20} {'threads':>7} {'idle s':>8} {'busy s':>8} {'busy/idle':>9}")
-    for policy, threads, cmd in runs:
-        env = {**ENV, "OMP_NUM_THREADS": str(threads)}
-        env.pop("OMP_WAIT_POLICY", None)
-        if policy in ("ACTIVE", "PASSIVE"): env["OMP_WAIT_POLICY"] = policy
-        args = [*cmd, *DEMO, "--out", str(out / "demo")]
-        idle = seconds(args, env, reps)
-        hog = busy_loop()
-        try: busy = seconds(args, env, reps)
-        finally: hog.kill(); hog.wait()
-        print(f"{policy or 'unset':<20} {threads:>7} {idle:8.1f} {busy:8.1f} {busy / idle:9.2f}", flush=True)
-    print(load())
+    for (policy, t), (idle, busy) in times.items():
+        i, b = statistics.median(idle), statistics.median(busy)
+        print(f"{policy:<20} {t:>7} {i:8.1f} {b:8.1f} {b / i:9.2f}")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--load", action="store_true", help="demo idle vs beside one busy loop, per OMP_WAIT_POLICY and thread count")
-    ap.add_argument("--reps", type=int, default=None, help="runs per timing (default: 5 for --help, 1 with --load)")
+    ap.add_argument("--reps", type=int, default=None, help="runs per timing (default: 5 for --help, 3 with --load)")
+    ap.add_argument("--policies", nargs="+", default=["unset", "PASSIVE"], help="--load: OMP_WAIT_POLICY values (unset, ACTIVE, PASSIVE)")
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="--load: OMP_NUM_THREADS values")
     a = ap.parse_args()
-    if a.load: load_times(a.reps or 1)
+    if a.load: load_times(a.reps or 3, a.policies, a.threads)
     else: help_times(a.reps or 5)

@@ -44,15 +44,16 @@ if parse_first(): os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before 
 else: load_libraries()
 
 # %% auto #0
-__all__ = ['DATASET_NAMES', 'OPTIMIZER_NAMES', 'USER_ERRORS', 'fraction', 'positive', 'valid_ratio', 'target_arg', 'MODELS',
-           'COMPOSITES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'dataset_target_arg', 'TRAIN_DEFAULTS_TAKE', 'load_libraries',
-           'parse_first', 'CLIError', 'one_line', 'positive_int', 'non_negative_int', 'choice', 'target_type',
-           'load_datasets', 'build_model', 'model_from_checkpoint', 'load_image', 'make_composite', 'explain_batches',
-           'torchvision_classifiers', 'torchvision_name', 'torchvision_preprocessing', 'load_imagenet_image',
-           'load_state_dict_file', 'torchvision_model', 'imagenet_composite', 'top_classes', 'run_arguments',
-           'changed_arguments', 'resume_plan', 'cmd_train', 'cmd_test', 'png_destination', 'cmd_explain',
-           'cmd_explain_torchvision', 'cmd_demo', 'platform_lines', 'cmd_info', 'cmd_explain_dataset', 'make_parser',
-           'launch_command', 'launched', 'cmd_train_launch', 'k_list', 'cmd_spray', 'main']
+__all__ = ['DATASET_NAMES', 'OPTIMIZER_NAMES', 'USER_ERRORS', 'fraction', 'positive', 'valid_ratio', 'TARGETS', 'target_arg',
+           'MODELS', 'COMPOSITES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'dataset_target_arg', 'TRAIN_TIME', 'SEED_PICKS',
+           'load_libraries', 'parse_first', 'CLIError', 'one_line', 'positive_int', 'non_negative_int', 'choice',
+           'target_type', 'target_help', 'load_datasets', 'build_model', 'model_from_checkpoint', 'load_image',
+           'make_composite', 'explain_batches', 'torchvision_classifiers', 'torchvision_name',
+           'torchvision_preprocessing', 'load_imagenet_image', 'load_state_dict_file', 'torchvision_model',
+           'imagenet_composite', 'top_classes', 'run_arguments', 'changed_arguments', 'resume_plan', 'cmd_train',
+           'cmd_test', 'png_destination', 'cmd_explain', 'cmd_explain_torchvision', 'cmd_demo', 'platform_lines',
+           'cmd_info', 'cmd_explain_dataset', 'make_parser', 'launch_command', 'launched', 'cmd_train_launch', 'k_list',
+           'cmd_spray', 'main']
 
 # %% ../nbs/14_cli.ipynb #48d81e86
 class CLIError(Exception):
@@ -119,6 +120,13 @@ def target_type(*words: str):
         if v < 0: raise argparse.ArgumentTypeError(f"a class number is >= 0, got {v}")
         return v
     return parse
+
+TARGETS = {'pred': 'the predicted class', 'label': 'the true class',
+           'softmax': "every class, weighted by its softmax probability: the original project's seed"}
+
+def target_help(*words: str) -> str:
+    "The `--target` help of a command whose `target_type` takes `words`: one wording for every command."
+    return f"what is explained: {', '.join(f'{w!r} ({TARGETS[w]})' for w in words)}, or a class number (default: pred)"
 
 target_arg = target_type('pred', 'softmax')  # explain
 
@@ -432,7 +440,7 @@ def _check_resume(args, path: Path):
     "A one-cycle schedule is fixed to its run's length: resuming it can only finish that run."
     cfg = load_checkpoint(path).get('config') or {}
     if cfg.get('scheduler') == 'onecycle' and cfg.get('train_epochs') != args.epochs:
-        raise CLIError(f"{path} was trained with a one-cycle schedule over {cfg.get('train_epochs')} epochs, which cannot be "
+        raise CLIError(f"{path} was trained with a one-cycle schedule over {_plural(cfg.get('train_epochs'), 'epoch')}, which cannot be "
                        f"stretched to --epochs {args.epochs}: resume with --epochs {cfg.get('train_epochs')} to finish that run, "
                        "or train with --scheduler step or none to extend runs later")
 
@@ -746,25 +754,27 @@ def _explain_dataset_parser(sub):
                    help=f"the rules: {', '.join(COMPOSITES)} (default: %(default)s)")
     g.add_argument('--top-k', type=fraction, default=0.0, metavar='F', help='relevance filter: fraction of values kept at each layer, 0 = off')
     g.add_argument('--target', type=dataset_target_arg, default='pred', metavar='{pred,label,CLASS}',
-                   help="what is explained: 'pred' (the predicted class), 'label' (the true class) or a class number (default: pred)")
+                   help=target_help('pred', 'label'))
     g.add_argument('--batch-size', type=positive_int, default=64, metavar='N', help='images per LRP call (default: %(default)s)')
     g.add_argument('--chunk-size', type=positive_int, default=1024, metavar='N', help='images per chunk file, the unit of resuming and sharding (default: %(default)s)')
     g.add_argument('--full-maps', action='store_true', help='keep the relevance of every input channel (default: summed over channels)')
     p.add_argument('--hdf5', metavar='FILE.h5', help='also write the store as a ViRelAy attribution file (needs h5py)')
-    _data_args(p); _common_args(p); _launch_args(p); p.set_defaults(func=launched(cmd_explain_dataset))  # launched: see below
+    _data_args(p, seeds=SEED_PICKS); _common_args(p); _launch_args(p); p.set_defaults(func=launched(cmd_explain_dataset))  # launched: see below
 
 # %% ../nbs/14_cli.ipynb #79dd672c
-TRAIN_DEFAULTS_TAKE = 'take hours on a CPU'  # see "How long training takes" below
-TRAIN_DEFAULTS_TAKE = 'take hours on a CPU'  # see "How long training takes" below
-def _data_args(p, train: bool = True, n_train: int = 6000):
+TRAIN_TIME = 'half an hour to an hour on 2 CPU cores'  # `train` with its defaults (see "How long training takes")
+SEED_PICKS = "picks the images: which digits are generated, which MNIST subset is drawn (the seed a checkpoint was trained with gives that run's test images)"
+
+def _data_args(p, train: bool = True, n_train: int = 6000, seeds: str = 'seeds the data, the initial weights and the training order',
+               n_train_note: str = ''):
     g = p.add_argument_group('data')
     g.add_argument('--dataset', type=choice(DATASET_NAMES, 'dataset'), default='digits', metavar='{digits,mnist}',
                    help="'digits' (embedded, generated offline; default) or 'mnist' (read from --root, downloaded there when missing)")
     g.add_argument('--root', default='datasets', metavar='DIR', help='the folder that holds MNIST/raw/ (default: %(default)s)')
     if train: g.add_argument('--n-train', type=positive_int, default=n_train, metavar='N',
-                             help='training images (MNIST: a random subset of at most this many; default: %(default)s)')
+                             help=f'training images (MNIST: a random subset of at most this many; default: %(default)s{n_train_note})')
     g.add_argument('--n-test', type=positive_int, default=1000, metavar='N', help='test images (default: %(default)s)')
-    g.add_argument('--seed', type=non_negative_int, default=0, metavar='S', help='seeds the data, the initial weights and the training order (default: %(default)s)')
+    g.add_argument('--seed', type=non_negative_int, default=0, metavar='S', help=f'{seeds} (default: %(default)s)')
     g.add_argument('--no-download', action='store_true', help='MNIST: never download; fail when the files are missing')
     g.add_argument('--mnist-test-only', action='store_true',
                    help="MNIST: use only the test split (t10k files), 80%% for training and 20%% for testing (for machines without the training files)")
@@ -795,7 +805,7 @@ def _lrp_args(p):
                    help=f"the rules: {', '.join(COMPOSITES)} (default: %(default)s; the original project: classic)")
     g.add_argument('--top-k', type=fraction, default=0.0, metavar='F', help='relevance filter: fraction of values kept at each layer, 0 = off (the original: 0.02)')
     g.add_argument('--target', type=target_arg, default='pred', metavar='{pred,softmax,CLASS}',
-                   help="what is explained: 'pred' (the predicted class), 'softmax' (all classes, the original), or a class number (default: pred)")
+                   help=target_help('pred', 'softmax'))
     g.add_argument('--cmap', type=choice(('bwr', 'seismic', 'afmhot'), 'colormap'), default='bwr', metavar='{bwr,seismic,afmhot}',
                    help='heatmap colours: bwr or seismic (signed, red = evidence for) or afmhot (the original; default: %(default)s)')
 
@@ -820,11 +830,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--n-explain', type=positive_int, default=16, metavar='N', help='test images in heatmaps.png (default: %(default)s)')
     _common_args(p); p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser('train', help='train a VGG or a ResNet and save the checkpoint',
+    p = sub.add_parser('train', help=f'train a VGG or a ResNet and save the checkpoint (the defaults take {TRAIN_TIME})',
                        description='Train a VGG or a ResNet (--model) on the digits or MNIST; writes checkpoint.pt (with its history as CSV and JSONL), '
-                                   'history.png and log.txt into --out. With --resume, continue a saved run.')
+                                   'history.png and log.txt into --out. With --resume, continue a saved run. The defaults (60,000 images, '
+                                   f'VGG11 at full width, 5 epochs) take {TRAIN_TIME}; `lrp-scratch demo` is the quick run.')
     p.add_argument('--out', default='runs/train', metavar='DIR', help='output folder (created; default: %(default)s)')
-    _data_args(p, n_train=60000); _train_args(p, epochs=5, width=1.0); _common_args(p); _launch_args(p); p.set_defaults(func=cmd_train_launch)
+    _data_args(p, n_train=60000, n_train_note=f'; with the other defaults training takes {TRAIN_TIME}'); _train_args(p, epochs=5, width=1.0); _common_args(p); _launch_args(p); p.set_defaults(func=cmd_train_launch)
 
     p = sub.add_parser('test', help='test a checkpoint: report, test_report.json, confusion_matrix.png',
                        description='Test a checkpoint of `train` or `demo` on the test images; prints the report and writes '
@@ -832,7 +843,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('checkpoint', help='a checkpoint.pt written by lrp-scratch train or demo')
     p.add_argument('--out', default=None, metavar='DIR', help="output folder (default: the checkpoint's folder)")
     p.add_argument('--batch-size', type=positive_int, default=256, metavar='N', help='images per batch (default: %(default)s)')
-    _data_args(p, train=False); _common_args(p); p.set_defaults(func=cmd_test)
+    _data_args(p, train=False, seeds=SEED_PICKS); _common_args(p); p.set_defaults(func=cmd_test)
 
     p = sub.add_parser('explain', help='explain one image (a file or a test-set index) with LRP: a heatmap PNG',
                        description='Explain the prediction of a checkpoint for one image with LRP and save the image next to its heatmap. '
@@ -847,7 +858,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--invert', type=choice(('auto', 'yes', 'no'), 'invert'), default='auto', metavar='{auto,yes,no}',
                    help='--image: invert the grey levels: auto (when the background is light), yes, no (default: %(default)s)')
     p.add_argument('--out', default=None, metavar='FILE.png', help="the PNG to write (default: explain_<name>.png in the checkpoint's folder; with --torchvision: explain_<image>_<model>.png in the current folder)")
-    _torchvision_args(p); _lrp_args(p); _data_args(p, train=False); _common_args(p); p.set_defaults(func=cmd_explain)
+    _torchvision_args(p); _lrp_args(p)
+    _data_args(p, train=False, seeds=SEED_PICKS + '; with --torchvision and no --weights, seeds the random weights')
+    _common_args(p); p.set_defaults(func=cmd_explain)
     _explain_dataset_parser(sub)
     _add_info_command(sub)
     _spray_parser(sub)

@@ -615,7 +615,7 @@ def run(self: Trainer, resume_from: str|Path|None = None, # a checkpoint to cont
                               f"(best {self._best:.4f} at epoch {self._best_epoch})")
                 break
     except KeyboardInterrupt:
-        self.log.warning(f"interrupted after {self.epoch} epochs" + (f"; the last checkpoint (epoch {self._last_checkpoint[1]}) is "
+        self.log.warning(f"interrupted after {self.epoch} epoch{'s' * (self.epoch != 1)}" + (f"; the last checkpoint (epoch {self._last_checkpoint[1]}) is "
                          f"{self._last_checkpoint[0]}" if self._last_checkpoint else ''))
         raise
     if self.early_stopping is not None and self._best_state is not None:
