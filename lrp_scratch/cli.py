@@ -24,6 +24,7 @@ def load_libraries():
     from lrp_scratch.data_transformations import CenterCrop, Compose, Normalize, Resize, ToTensor
     from lrp_scratch.models import VGG
     from lrp_scratch.models import ResNet
+    from lrp_scratch.models import ViT
     from lrp_scratch.optimizers import OPTIMIZERS
     from lrp_scratch.trainers import CHECKPOINT_FORMAT, CheckpointError, History, MPTrainer, Trainer, check_state_dict, load_checkpoint, load_torch_file
     from lrp_scratch.testers import Tester, TestReport
@@ -210,15 +211,18 @@ def load_datasets(dataset: str = 'digits', # 'digits' (generated offline) or 'mn
     return test if only_test else (_take(train, n_train, seed), test)
 
 # %% ../nbs/14_cli.ipynb #fcf86abc
-MODELS = ('vgg11', 'vgg13', 'vgg16', 'vgg19', 'resnet18', 'resnet34', 'resnet50')
+MODELS = ('vgg11', 'vgg13', 'vgg16', 'vgg19', 'resnet18', 'resnet34', 'resnet50', 'vit', 'vit_digits', 'vit_tiny')  # 'vit': 'vit_digits'
 
-def build_model(name: str = 'vgg11', # one of `MODELS`: 'vgg11', 'vgg13', 'vgg16', 'vgg19', 'resnet18', 'resnet34', 'resnet50'
-                width: float = 1.0, # channel multiplier (0.25: a quarter of the channels, about 16x fewer operations)
+def build_model(name: str = 'vgg11', # one of `MODELS`: 'vgg11', 'vgg13', 'vgg16', 'vgg19', 'resnet18', 'resnet34', 'resnet50', 'vit' (= 'vit_digits'), 'vit_tiny'
+                width: float = 1.0, # channel multiplier (0.25: a quarter of the channels, about 16x fewer operations); ViTs: of hidden_dim and mlp_dim
                 batch_norm: bool = True, # VGG: BatchNorm2d after each conv (ResNets always have it)
                 seed: int = 0, # the initial weights
-               ) -> VGG|ResNet:
-    "A VGG or a ResNet (the 32x32 stem) for 10 classes of 3x32x32 images (the transformed digits and MNIST)."
+               ) -> VGG|ResNet|ViT:
+    "A VGG, a ResNet (the 32x32 stem) or a ViT (4x4 patches) for 10 classes of 3x32x32 images (the transformed digits and MNIST)."
     if name not in MODELS: raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    if name.startswith('vit'):
+        if not batch_norm: raise ValueError(f"{name} has no batch norm (a ViT normalises with LayerNorm); --no-batch-norm is for the VGGs")
+        return ViT('vit_digits' if name == 'vit' else name, n_classes=10, in_channels=3, image_size=32, width=width, seed=seed)
     if name.startswith('resnet'):
         if not batch_norm: raise ValueError(f"{name} always has batch norm (it is part of every residual block); --no-batch-norm is for the VGGs")
         return ResNet(name, n_classes=10, in_channels=3, stem='small', width=width, seed=seed)
@@ -226,15 +230,16 @@ def build_model(name: str = 'vgg11', # one of `MODELS`: 'vgg11', 'vgg13', 'vgg16
 
 def model_from_checkpoint(path: str|Path, # a checkpoint written by `lrp-scratch train`/`demo` (Trainer.save_model of a VGG or ResNet)
                           device: str|torch.device = 'cpu',
-                         ) -> VGG|ResNet:
-    "Rebuild the VGG or ResNet a checkpoint was saved from (its class name and `model.config`) and load its weights; in eval mode."
+                         ) -> VGG|ResNet|ViT:
+    "Rebuild the VGG, ResNet or ViT a checkpoint was saved from (its class name and `model.config`) and load its weights; in eval mode."
     ck = load_checkpoint(path, map_location=device)
     config = (ck.get('config') or {}) if ck.get('format') == CHECKPOINT_FORMAT else {}
     cfg = config.get('model_config')
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path} does not record its model's configuration (model_config): give a checkpoint written by "
                               "lrp-scratch train or demo (Trainer.save_model of a lrp_scratch VGG or ResNet)")
-    cls = ResNet if str(config.get('model', '')).startswith('ResNet') else VGG  # older checkpoints are all VGGs
+    saved = str(config.get('model', ''))
+    cls = ResNet if saved.startswith('ResNet') else ViT if saved.startswith('ViT') else VGG  # older checkpoints are all VGGs
     try: model = cls(**cfg, init_weights=False)
     except (TypeError, ValueError) as e: raise CheckpointError(f"{path}: its model_config {cfg} does not build a {cls.__name__} ({e})") from None
     check_state_dict(model, ck['model'], f"checkpoint {path}")
