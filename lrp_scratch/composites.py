@@ -171,10 +171,13 @@ class Composite:
 
     def rules(self, model: nn.Module, graph: LRPGraph|None = None) -> dict:
         "{name: (module, rule)} for every module and op of `model` that gets a rule; raises for unsupported ones."
+        graph = self.graph(model) if graph is None else graph
         entries = self.entries(model, graph)
         bad = [(n, m) for n, m, r, _ in entries if isinstance(r, str)]
         if bad:
-            raise TypeError(f"LRP has no rule for {_listing(bad)}. Supported: Linear, Conv1d/2d/3d, activations, pooling, "
+            walk = (f" torch.fx could not trace the model ({graph.reason}), so LRP sees its modules only, and these compute "
+                    f"something it cannot look into." if graph.module is None else '')
+            raise TypeError(f"LRP has no rule for {_listing(bad)}.{walk} Supported: Linear, Conv1d/2d/3d, activations, pooling, "
                             f"BatchNorm, LayerNorm, Flatten, Identity, Dropout, and the functional ops of LRP on graphs. Give it "
                             f"one with the composite, e.g. `EpsilonPlusFlat(layer_map=[({type(bad[0][1]).__name__}, Pass())])` "
                             f"(Pass hands relevance through unchanged: right for element-wise, shape-keeping modules) or "

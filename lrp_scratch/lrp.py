@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_lrp.ipynb #4bff8fba
 from __future__ import annotations
-import math
+import copy, math
 from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Callable, NamedTuple
 import torch
@@ -52,6 +52,19 @@ class _Node:
         self.linear = fn is not None
         self.fn = fn if fn is not None else (lambda x, w=None, b=None: self.original_forward(x))
         self.path = module.path if isinstance(module, Op) else (0,)  # the inputs that receive relevance
+
+    def bound(self, args: tuple):
+        "This node for one call of an op whose inputs include numbers (sizes read from a shape): its rule sees the tensors only."
+        pos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        if self.linear or any(i not in pos for i in self.path): return None
+        node, orig = copy.copy(self), self.original_forward
+        def original_forward(*ts):
+            full = list(args)
+            for i, t in zip(pos, ts): full[i] = t
+            return orig(*full)
+        node.original_forward, node.path = original_forward, tuple(pos.index(i) for i in self.path)
+        node.fn = lambda x, w=None, b=None: node.original_forward(x)
+        return node
 
     def forward(self, *xs):
         "(output, state): state is what the backward needs besides the inputs (the graph kept, a call's own parameters)."
@@ -128,6 +141,9 @@ def _override_forward(stack: ExitStack, module: nn.Module, forward: Callable):
 
 def _rule_forward(node: _Node) -> Callable:
     def forward(*args, **kwargs):
+        if isinstance(node.module, Op) and args and not kwargs and not all(isinstance(a, torch.Tensor) for a in args):
+            b = node.bound(args)  # e.g. F.interpolate(x, size=(h, w)) with h, w read from another tensor's shape
+            if b is not None: return _RuleFunction.apply(b, *[a for a in args if isinstance(a, torch.Tensor)])
         ok = args and not kwargs and all(isinstance(a, torch.Tensor) for a in args)
         if not ok or (len(args) != 1 and not isinstance(node.module, Op)):
             kinds = ', '.join(type(a).__name__ for a in args)
@@ -260,7 +276,8 @@ def _check_input(self: LRPModel, x):
 @patch
 def _graph_key(self: LRPModel, comp: Composite) -> tuple:
     "What a graph is valid for: the composite's leaves, the modules, and the tensors it may read (a `.to()` makes new buffers)."
-    tensors = tuple((id(t), t.data_ptr()) for t in (*self.model.parameters(), *self.model.buffers()))
+    lazy = nn.parameter.UninitializedTensorMixin  # a lazy module's parameters have no storage until its first call
+    tensors = tuple((id(t), None if isinstance(t, lazy) else t.data_ptr()) for t in (*self.model.parameters(), *self.model.buffers()))
     return comp._graph_key(), tuple(map(id, self.model.modules())), tensors
 
 @patch
