@@ -14,7 +14,7 @@ from fastcore.basics import patch
 from .lrp_graph import LINEAR_TYPES, GRADIENT_METHODS, SHAPE_METHODS, LRPGraph, Op, Sum, Linear, UnsupportedOpError
 from .rules import (relevance_filter, LRPContext, redistribute, redistribute_graph, Rule, Epsilon, LRP0, ZPlus,
                                AlphaBeta, Alpha1Beta0, Alpha2Beta1, Gamma, ZBox, Flat, WSquare, Pass, SignalTakesAll, Norm,
-                               MaxPoolAsAvg, OnesInput, UniformProduct, CPAttention, AttnLRP, SoftmaxRule,
+                               MaxPoolAsAvg, OnesInput, UniformProduct, CPAttention, AttnLRP, SoftmaxRule, LayerNormRule,
                                attention_rule, _check_top_k, _filter_count)
 from .composites import (CONV_TYPES, ACTIVATION_TYPES, AVGPOOL_TYPES, MAXPOOL_TYPES, NORM_TYPES, GRADIENT_TYPES,
                                     PRESETS, Composite, EpsilonPlus, EpsilonPlusFlat, EpsilonGammaBox, EpsilonAlpha2Beta1,
@@ -27,7 +27,8 @@ __all__ = ['LayerRelevance', 'LRPModel', 'CONV_TYPES', 'ACTIVATION_TYPES', 'AVGP
            'Epsilon', 'LRP0', 'ZPlus', 'AlphaBeta', 'Alpha1Beta0', 'Alpha2Beta1', 'Gamma', 'ZBox', 'Flat', 'WSquare',
            'Pass', 'SignalTakesAll', 'Norm', 'MaxPoolAsAvg', 'UniformProduct', 'Composite', 'EpsilonPlus',
            'EpsilonPlusFlat', 'EpsilonGammaBox', 'EpsilonAlpha2Beta1', 'EpsilonAlpha2Beta1Flat', 'Uniform', 'OnesInput',
-           'classic', 'get_composite', 'MergeBatchNorm', 'CPAttention', 'AttnLRP', 'SoftmaxRule', 'attention_rule']
+           'classic', 'get_composite', 'MergeBatchNorm', 'CPAttention', 'AttnLRP', 'SoftmaxRule', 'attention_rule',
+           'LayerNormRule']
 
 # %% ../nbs/08_lrp.ipynb #ad9ebe65
 # the public names of the rules, composites and canonizers pages, re-exported: `from lrp_scratch.lrp import *` binds them
@@ -36,7 +37,7 @@ _all_ = ['CONV_TYPES', 'ACTIVATION_TYPES', 'AVGPOOL_TYPES', 'MAXPOOL_TYPES', 'NO
          'AlphaBeta', 'Alpha1Beta0', 'Alpha2Beta1', 'Gamma', 'ZBox', 'Flat', 'WSquare', 'Pass', 'SignalTakesAll',
          'Norm', 'MaxPoolAsAvg', 'UniformProduct', 'Composite', 'EpsilonPlus', 'EpsilonPlusFlat', 'EpsilonGammaBox',
          'EpsilonAlpha2Beta1', 'EpsilonAlpha2Beta1Flat', 'Uniform', 'OnesInput', 'classic', 'get_composite',
-         'MergeBatchNorm', 'CPAttention', 'AttnLRP', 'SoftmaxRule', 'attention_rule']
+         'MergeBatchNorm', 'CPAttention', 'AttnLRP', 'SoftmaxRule', 'attention_rule', 'LayerNormRule']
 
 # %% ../nbs/08_lrp.ipynb #ba80f42b
 class LayerRelevance(NamedTuple):

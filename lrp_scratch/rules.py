@@ -4,7 +4,8 @@
 
 # %% ../nbs/08d_lrp_rules.ipynb #5d9c3b0c
 from __future__ import annotations
-import math
+import inspect, math
+from torch.overrides import TorchFunctionMode
 from typing import Callable, NamedTuple, Sequence
 import torch
 import torch.nn as nn
@@ -16,7 +17,7 @@ from .lrp_graph import Sum
 __all__ = ['ATTENTION_RULES', 'relevance_filter', 'LRPContext', 'redistribute', 'redistribute_graph', 'Rule', 'Epsilon', 'LRP0',
            'ZPlus', 'AlphaBeta', 'Alpha1Beta0', 'Alpha2Beta1', 'Gamma', 'ZBox', 'Flat', 'WSquare', 'Pass',
            'SignalTakesAll', 'Norm', 'UniformProduct', 'MaxPoolAsAvg', 'CPAttention', 'AttnLRP', 'SoftmaxRule',
-           'attention_rule', 'OnesInput']
+           'attention_rule', 'LayerNormRule', 'OnesInput']
 
 # %% ../nbs/08d_lrp_rules.ipynb #8b902fff
 def _check_top_k(top_k):
@@ -321,6 +322,39 @@ def attention_rule(rule: str|Rule, # 'cp', 'attnlrp', or a `CPAttention` / `Attn
     if isinstance(rule, str) and rule.lower() in ATTENTION_RULES: return ATTENTION_RULES[rule.lower()](stabilizer)
     raise ValueError(f"attention_rule must be 'cp' (CP-LRP: the attention probabilities are constants), 'attnlrp' (AttnLRP: "
                      f"the uniform rule on both matrix products and the softmax rule), or CPAttention(...) / AttnLRP(...); got {rule!r}")
+
+# %% ../nbs/08d_lrp_rules.ipynb #a7e11b06
+class _FrozenScale(TorchFunctionMode):
+    "F.layer_norm with its 1/sigma a constant (no gradient): the rest is a linear map of x, with the shift as bias."
+    seen = False
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is not F.layer_norm: return func(*args, **(kwargs or {}))
+        self.seen = True
+        a = inspect.signature(F.layer_norm).bind(*args, **(kwargs or {}))
+        a.apply_defaults()
+        x, shape, w, b, eps = (a.arguments[k] for k in ('input', 'normalized_shape', 'weight', 'bias', 'eps'))
+        dims = tuple(range(-len(shape), 0))
+        mu = x.mean(dims, keepdim=True)
+        y = (x - mu) / (x.var(dims, unbiased=False, keepdim=True) + eps).sqrt().detach()
+        if w is not None: y = y * w
+        return y if b is None else y + b
+
+class LayerNormRule(Rule):
+    "LayerNorm: the identity (centre=False, as `Pass`), or LXT's convention (centre=True): 1/sigma a constant, the z-rule on the centring and the shift."
+    needs_params = False
+    def __init__(self, centre: bool = False, # False: R_x = R_y; True: the z-rule with sigma constant (the shift takes its share)
+                 stabilizer: float = 0.):
+        self.centre, self.stabilizer = bool(centre), _check_eps('stabilizer', stabilizer)
+    def relevance(self, ctx, r):
+        if not self.centre: return r
+        mode = _FrozenScale()
+        def fn(x, w=None, b=None):
+            with mode: return ctx.fn(x)
+        out = redistribute(fn, [(ctx.x, None, None)], r, self.stabilizer)
+        if not mode.seen:
+            raise TypeError(f"LayerNormRule(centre=True) applies to layer norms (nn.LayerNorm, F.layer_norm); "
+                            f"`{type(ctx.module).__name__}` calls none: give it Pass() or Norm()")
+        return out
 
 # %% ../nbs/08d_lrp_rules.ipynb #8d248c94
 class OnesInput(Rule):
