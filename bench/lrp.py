@@ -6,6 +6,7 @@
     python bench/lrp.py --memory              # peak memory of one call per method, each in a fresh process
     python bench/lrp.py --case resnet50 --reps 3   # torchvision ResNet-50, 224x224, batch 8 (slow on a CPU)
     python bench/lrp.py --device cuda --case vgg16 --batch 1   # on a GPU (LRP_SCRATCH_CUDA_KERNELS=1: its kernels), another batch
+    python bench/lrp.py --case vit_b_16 --reps 3   # torchvision ViT-B/16, 224x224, batch 8: CP-LRP and AttnLRP
 
 Cases: VGG11 on 3x32x32, batch 64, VGG16 on 3x224x224, batch 8, and ResNet-50 on 3x224x224, batch 8 (random weights,
 eval mode, float32; ResNet-50 with random BatchNorm statistics, which our engine folds into the convolutions). The
@@ -15,6 +16,8 @@ median time and the median over repeats of (method time / gradient time in the s
 run when installed (they are optional; Captum's LRP is measured with its default rules). On ResNet-50 Zennit runs with
 its `ResNetCanonizer` (BatchNorm merging and a `Sum` module for the residual adds: without it its relevance is wrong,
 see the LRP coverage page), and only the EpsilonPlusFlat rows are measured (the other rows cost minutes there).
+On ViT-B/16 (its zero-initialised head given random weights) the rows are CP-LRP and AttnLRP with epsilon on every
+linear layer; Zennit and Captum have no attention rules and are not run.
 "zennit EpsilonPlusFlat" registers the composite (and applies the canonizer) in every call, as `with Gradient(...)`
 around each call does; "(registered once)" runs on a copy of the model with the hooks registered once, the steady state.
 """
@@ -27,7 +30,9 @@ from lrp_scratch.kernels import reference_kernels
 from lrp_scratch.lrp import LRPModel, EpsilonPlusFlat, Uniform, Epsilon, classic
 
 CASES = {"vgg11": ("vgg11", 10, 32, 64), "vgg16": ("vgg16", 1000, 224, 8), "resnet50": ("resnet50", 1000, 224, 8),
-         "timm-resnet50d": ("timm:resnet50d", 1000, 224, 8), "timm-efficientnet_b0": ("timm:efficientnet_b0", 1000, 224, 8)}
+         "timm-resnet50d": ("timm:resnet50d", 1000, 224, 8), "timm-efficientnet_b0": ("timm:efficientnet_b0", 1000, 224, 8),
+         "vit_b_16": ("vit_b_16", 1000, 224, 8)}
+VIT = ("vit_b_16",)  # transformers: the attention rules instead of the CNN rows
 SMALL = ("resnet50", "timm-resnet50d", "timm-efficientnet_b0")  # cases that measure only the gradient and the EpsilonPlusFlat rows
 DEVICE, BATCH = torch.device("cpu"), None  # --device, --batch (None: the case's)
 
@@ -56,6 +61,8 @@ def make_model(case):
                     n = m.num_features
                     m.running_mean.copy_(0.1 * torch.randn(n, generator=g)); m.running_var.copy_(0.5 + torch.rand(n, generator=g))
                     m.weight.copy_(0.5 + torch.rand(n, generator=g)); m.bias.copy_(0.1 * torch.randn(n, generator=g))
+    if name in VIT:  # torchvision zero-initialises the head: every logit would be 0
+        with torch.no_grad(): model.heads.head.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
     model.eval().to(DEVICE)
     x = torch.rand(BATCH or bs, 3, size, size).to(DEVICE)
     return model, x, src
@@ -92,6 +99,8 @@ def methods(model, x, case="vgg11"):
     ours = {"ours EpsilonPlusFlat": (EpsilonPlusFlat(), 0.0, "pred"), "ours classic top_k=0.02": (classic(), 0.02, None),
             "ours classic top_k=0": (classic(), 0.0, None), "ours epsilon everywhere": (Uniform(Epsilon(1e-6)), 0.0, "pred")}
     if case in SMALL: ours = {"ours EpsilonPlusFlat": ours["ours EpsilonPlusFlat"]}
+    if case in VIT: ours = {"ours CP-LRP epsilon": (Uniform(Epsilon(1e-6)), 0.0, "pred"),
+                            "ours AttnLRP epsilon": (Uniform(Epsilon(1e-6), attention_rule="attnlrp"), 0.0, "pred")}
     for name, (comp, top_k, target) in ours.items():
         lrp = LRPModel(model, composite=comp, top_k=top_k)
         out[name] = (lambda lrp=lrp, target=target: lrp.explain(x, target=target)[0])
@@ -100,7 +109,7 @@ def methods(model, x, case="vgg11"):
         def ref(f=out[name]):
             with reference_kernels(): return f()
         out[name + " (ref)"] = ref
-    if case.startswith("timm-"): return out  # Zennit has no canonizer for timm's models: its numbers would not be LRP
+    if case.startswith("timm-") or case in VIT: return out  # Zennit has no canonizer for timm's models: its numbers would not be LRP
     try:
         from zennit.attribution import Gradient
         out["zennit EpsilonPlusFlat"] = lambda: zennit_call(model, x, case)

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from .lrp_graph import LINEAR_TYPES, BATCHNORM_TYPES, LRPGraph, Op, Linear, trace, standard
 from .rules import (Rule, Epsilon, ZPlus, Alpha2Beta1, Gamma, ZBox, Flat, Pass, SignalTakesAll, Norm, MaxPoolAsAvg,
-                               OnesInput, UniformProduct, CentredNorm)
+                               OnesInput, UniformProduct, CentredNorm, CPAttention, AttnLRP, SoftmaxRule, attention_rule as _attention_rule)
 from .canonizers import MergeBatchNorm, _eval_and_out_of_place
 
 # %% auto #0
@@ -94,6 +94,8 @@ class Composite:
                  norm_rule: Rule|None = None, # rule of normalisations (LayerNorm, GroupNorm, x / norm), default CentredNorm(); Pass(): the identity
                  batchnorm_rule: Rule|None = None, # rule of a BatchNorm that cannot be folded, default Pass()
                  product_rule: Rule|None = None, # rule of products of two tensors that both carry relevance, default UniformProduct()
+                 attention_rule: Rule|str = 'cp', # attention (A @ V, A a softmax's output): 'cp' (CP-LRP) or 'attnlrp' (AttnLRP), or the rule
+                 softmax_rule: Rule|None = None, # rule of a softmax that receives relevance (AttnLRP), default SoftmaxRule()
                  name: str|None = None):
         self.layer_map, self.first_map, self.name_map = _as_pairs(layer_map), _as_pairs(first_map), dict(name_map or {})
         _check_entries('layer_map', self.layer_map); _check_entries('first_map', self.first_map)
@@ -102,10 +104,11 @@ class Composite:
                 raise TypeError(f"name_map[{k!r}] is {r!r} ({type(r).__name__}), not a rule: give a Rule such as Epsilon(), ZPlus() or Pass(), or None for the gradient")
         for k, r in dict(activation_rule=activation_rule, pool_rule=pool_rule, maxpool_rule=maxpool_rule, sum_rule=sum_rule,
                          gate_rule=gate_rule, cat_rule=cat_rule, constant_rule=constant_rule, norm_rule=norm_rule,
-                         batchnorm_rule=batchnorm_rule, product_rule=product_rule).items():
+                         batchnorm_rule=batchnorm_rule, product_rule=product_rule, softmax_rule=softmax_rule).items():
             if r is not None and not isinstance(r, Rule):
                 raise TypeError(f"{k} is {r!r} ({type(r).__name__}), not a rule: give a Rule such as Norm() or Pass()")
         self.product_rule = product_rule or UniformProduct()
+        self.attention_rule, self.softmax_rule = _attention_rule(attention_rule), softmax_rule or SoftmaxRule()
         self.canonizers = tuple(canonizers) if canonizers is not None else (MergeBatchNorm(),)
         self.activation_rule, self.pool_rule, self.maxpool_rule = activation_rule or Pass(), pool_rule or Norm(), maxpool_rule
         self.sum_rule, self.gate_rule, self.cat_rule = sum_rule or Norm(), gate_rule or SignalTakesAll(), cat_rule
@@ -119,7 +122,7 @@ class Composite:
             if module.kind == 'move': return None
             return dict(sum=self.sum_rule, gate=self.gate_rule, cat=self.cat_rule, constant=self.constant_rule,
                         activation=self.activation_rule, pool=self.pool_rule, norm=self.norm_rule, batchnorm=self.batchnorm_rule,
-                        product=self.product_rule).get(module.kind, 'unsupported')
+                        product=self.product_rule, attention=self.attention_rule, softmax=self.softmax_rule).get(module.kind, 'unsupported')
         if first:
             for types, rule in self.first_map:
                 if _matches(module, types): return rule
@@ -130,14 +133,15 @@ class Composite:
         if isinstance(module, AVGPOOL_TYPES): return self.pool_rule
         if isinstance(module, MAXPOOL_TYPES): return self.maxpool_rule
         if isinstance(module, NORM_TYPES): return self.norm_rule
+        if isinstance(module, nn.Softmax): return self.softmax_rule  # receives relevance only under AttnLRP (or at the output)
         if isinstance(module, BATCHNORM_TYPES): return self.batchnorm_rule  # reached only when it cannot be folded
         if isinstance(module, GRADIENT_TYPES): return None
         return 'unsupported'
 
     def _graph_key(self) -> tuple:
-        "What the graph depends on: the module types and names with a rule of their own, and BatchNorm folding."
+        "What the graph depends on: the module types and names with a rule of their own, BatchNorm folding, and the attention rule (under CP-LRP the logits receive nothing)."
         types = tuple(t for ts, _ in self.layer_map + self.first_map for t in (ts if isinstance(ts, tuple) else (ts,)))
-        return types, tuple(self.name_map), any(isinstance(c, MergeBatchNorm) for c in self.canonizers)
+        return types, tuple(self.name_map), any(isinstance(c, MergeBatchNorm) for c in self.canonizers), self.attention_rule.mode
 
     def graph(self, model: nn.Module) -> LRPGraph:
         "`model` traced for this composite (see [LRP on graphs](lrp_graph.html)): its modules and functional ops."
@@ -248,10 +252,11 @@ def EpsilonAlpha2Beta1Flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero
                    [(LINEAR_TYPES, Flat(stabilizer))], layer_map, first_map, **kw)
 
 def Uniform(rule: Rule, layer_map=(), first_map=(), **kw) -> Composite:
-    "The same rule on every linear layer; for `Epsilon(e)` also the z-rule with e on sums, pools and products (`Uniform(Epsilon(0))` is exact LRP-0)."
+    "The same rule on every linear layer; for `Epsilon(e)` also the z-rule with e on sums, pools, products and attention (`Uniform(Epsilon(0))` is exact LRP-0)."
     if isinstance(rule, Epsilon):
         e = rule.epsilon
         kw = dict(sum_rule=Norm(e), pool_rule=Norm(e), product_rule=UniformProduct(e), norm_rule=CentredNorm(e)) | kw
+        kw['attention_rule'] = _attention_rule(kw.get('attention_rule', 'cp'), e)  # by name: with the same e
     return _preset(f'Uniform({rule!r})', [(LINEAR_TYPES, rule)], (), layer_map, first_map, **kw)
 
 # %% ../nbs/08e_lrp_composites.ipynb #677d89e1

@@ -14,7 +14,8 @@ from fastcore.basics import patch
 from .lrp_graph import LINEAR_TYPES, GRADIENT_METHODS, SHAPE_METHODS, LRPGraph, Op, Sum, Linear, UnsupportedOpError
 from .rules import (relevance_filter, LRPContext, redistribute, redistribute_graph, Rule, Epsilon, LRP0, ZPlus,
                                AlphaBeta, Alpha1Beta0, Alpha2Beta1, Gamma, ZBox, Flat, WSquare, Pass, SignalTakesAll, Norm,
-                               MaxPoolAsAvg, OnesInput, UniformProduct, CentredNorm, _check_top_k, _filter_count)
+                               MaxPoolAsAvg, OnesInput, UniformProduct, CentredNorm, CPAttention, AttnLRP, SoftmaxRule,
+                               attention_rule, _check_top_k, _filter_count)
 from .composites import (CONV_TYPES, ACTIVATION_TYPES, AVGPOOL_TYPES, MAXPOOL_TYPES, NORM_TYPES, GRADIENT_TYPES,
                                     PRESETS, Composite, EpsilonPlus, EpsilonPlusFlat, EpsilonGammaBox, EpsilonAlpha2Beta1,
                                     EpsilonAlpha2Beta1Flat, Uniform, classic, get_composite, _linear_fn)
@@ -26,7 +27,8 @@ __all__ = ['LayerRelevance', 'LRPModel', 'CONV_TYPES', 'ACTIVATION_TYPES', 'AVGP
            'Epsilon', 'LRP0', 'ZPlus', 'AlphaBeta', 'Alpha1Beta0', 'Alpha2Beta1', 'Gamma', 'ZBox', 'Flat', 'WSquare',
            'Pass', 'SignalTakesAll', 'Norm', 'MaxPoolAsAvg', 'UniformProduct', 'CentredNorm', 'Composite',
            'EpsilonPlus', 'EpsilonPlusFlat', 'EpsilonGammaBox', 'EpsilonAlpha2Beta1', 'EpsilonAlpha2Beta1Flat',
-           'Uniform', 'OnesInput', 'classic', 'get_composite', 'MergeBatchNorm']
+           'Uniform', 'OnesInput', 'classic', 'get_composite', 'MergeBatchNorm', 'CPAttention', 'AttnLRP',
+           'SoftmaxRule', 'attention_rule']
 
 # %% ../nbs/08_lrp.ipynb #ad9ebe65
 # the public names of the rules, composites and canonizers pages, re-exported: `from lrp_scratch.lrp import *` binds them
@@ -35,7 +37,7 @@ _all_ = ['CONV_TYPES', 'ACTIVATION_TYPES', 'AVGPOOL_TYPES', 'MAXPOOL_TYPES', 'NO
          'AlphaBeta', 'Alpha1Beta0', 'Alpha2Beta1', 'Gamma', 'ZBox', 'Flat', 'WSquare', 'Pass', 'SignalTakesAll',
          'Norm', 'MaxPoolAsAvg', 'UniformProduct', 'CentredNorm', 'Composite', 'EpsilonPlus', 'EpsilonPlusFlat', 'EpsilonGammaBox',
          'EpsilonAlpha2Beta1', 'EpsilonAlpha2Beta1Flat', 'Uniform', 'OnesInput', 'classic', 'get_composite',
-         'MergeBatchNorm']
+         'MergeBatchNorm', 'CPAttention', 'AttnLRP', 'SoftmaxRule', 'attention_rule']
 
 # %% ../nbs/08_lrp.ipynb #ba80f42b
 class LayerRelevance(NamedTuple):
@@ -83,7 +85,7 @@ class _Node:
 
     def _context(self, xs, y, state, k):
         graph, params = state if state is not None else (None, self.params)
-        if isinstance(self.module, Sum) or getattr(self.module, 'kind', '') == 'product':  # every factor or term
+        if isinstance(self.module, Sum) or getattr(self.module, 'kind', '') in ('product', 'attention') and len(self.path) > 1:  # every factor or term
             return LRPContext(self.module, tuple(xs), y, params, self.fn, graph, k)
         i = self.path[0]
         if len(xs) == 1 or isinstance(self.module, Linear): return LRPContext(self.module, xs[i], y, params, self.fn, graph, k)
@@ -144,6 +146,8 @@ def _rule_forward(node: _Node) -> Callable:
         if isinstance(node.module, Op) and args and not kwargs and not all(isinstance(a, torch.Tensor) for a in args):
             b = node.bound(args)  # e.g. F.interpolate(x, size=(h, w)) with h, w read from another tensor's shape
             if b is not None: return _RuleFunction.apply(b, *[a for a in args if isinstance(a, torch.Tensor)])
+            if any(isinstance(a, (int, float)) for a in args):  # a number computed from a shape, as a 0-dim tensor
+                args = tuple(torch.as_tensor(a) if isinstance(a, (int, float)) and i not in node.path else a for i, a in enumerate(args))
         ok = args and not kwargs and all(isinstance(a, torch.Tensor) for a in args)
         if not ok or (len(args) != 1 and not isinstance(node.module, Op)):
             kinds = ', '.join(type(a).__name__ for a in args)

@@ -14,9 +14,10 @@ import torch.fx as fx
 # %% auto #0
 __all__ = ['LINEAR_TYPES', 'BATCHNORM_TYPES', 'OPS', 'OP_KINDS', 'GRADIENT_FUNCTIONS', 'GRADIENT_METHODS', 'IDENTITY_FUNCTIONS',
            'SHAPE_METHODS', 'MAXPOOL_MODULES', 'SQUASH_MODULES', 'INPLACE', 'NONPATH_METHODS', 'NONPATH_FUNCTIONS',
-           'UnsupportedOpError', 'standard', 'Op', 'Sum', 'Gate', 'Product', 'Concat', 'Constant', 'Activation', 'Pool',
-           'Normalization', 'centring', 'BatchNorm', 'Move', 'fold_batchnorm', 'BatchNormParams', 'Linear',
-           'register_op', 'op_kind', 'LRPGraph', 'trace']
+           'SOFTMAX_FUNCTIONS', 'UnsupportedOpError', 'standard', 'Op', 'Sum', 'Gate', 'Product', 'Attention',
+           'Softmax', 'Concat', 'Constant', 'Activation', 'Pool', 'Normalization', 'centring', 'BatchNorm', 'Move',
+           'fold_batchnorm', 'BatchNormParams', 'Linear', 'register_op', 'op_kind', 'attention', 'multi_head_attention',
+           'LRPGraph', 'trace']
 
 # %% ../nbs/08b_lrp_graph.ipynb #4679efa4
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -110,6 +111,20 @@ class Product(Op):
     "A product of two tensors that both carry relevance (`a * b`, `a @ b` of two branches): the composite's `product_rule`."
     kind = 'product'
 
+class Attention(Op):
+    "The attention probabilities (a softmax's output) times the values, `A @ V` or `torch.einsum(eq, A, V)`: the composite's `attention_rule`."
+    kind = 'attention'
+    def __init__(self, fn: Callable|str, args: tuple, kwargs: dict|None, values: int, # the values' position (0 or 1)
+                 mode: str = 'cp', # 'cp': only the values carry relevance (A is a constant of the call); 'attnlrp': both factors
+                ):
+        super().__init__(fn, args, kwargs, (values,) if mode == 'cp' else (0, 1))
+        self.values, self.mode = values, mode
+    def extra_repr(self): return f"{self.label}, values=x{self.values}, {self.mode}"
+
+class Softmax(Op):
+    "A softmax that receives relevance (AttnLRP, or a softmax at the output): the composite's `softmax_rule`."
+    kind = 'softmax'
+
 class Concat(Op):
     "torch.cat: each input gets its slice of the relevance (the gradient)."
     kind = 'cat'
@@ -201,7 +216,7 @@ _CONV = {1: (F.conv1d, nn.Conv1d), 2: (F.conv2d, nn.Conv2d), 3: (F.conv3d, nn.Co
 class Linear(Op):
     "A linear map called as a function with a constant weight: `F.conv2d(x, w)`, `F.linear`, `x @ W`; the weight may be computed (standardised, blur filters)."
     kind = 'linear'
-    def __init__(self, form: str, # 'conv1d'/'conv2d'/'conv3d', 'linear', 'matmul' (x @ w) or 'rmatmul' (w @ x)
+    def __init__(self, form: str, # 'conv1d'/'conv2d'/'conv3d', 'linear', 'matmul' (x @ w), 'rmatmul' (w @ x), 'einsum' (options: equation, x_first)
                  weight: int, bias: int|None = None, # positions of the weight and bias among the inputs (input 0 is x)
                  options: dict|None = None, label: str = ''):
         nn.Module.__init__(self)
@@ -217,6 +232,10 @@ class Linear(Op):
         "The map with weight w and bias b."
         if self.form.startswith('conv'): return _CONV[int(self.form[4])][0](x, w, b, **self.options)
         if self.form == 'linear': return F.linear(x, w, b)
+        if self.form == 'einsum':
+            eq = self.options['equation']
+            y = torch.einsum(eq, x, w) if self.options['x_first'] else torch.einsum(eq, w, x)
+            return y if b is None else y + b
         y = x @ w if self.form == 'matmul' else w @ x
         return y if b is None else y + b
     def weights(self, xs) -> tuple:
@@ -246,7 +265,7 @@ OP_KINDS = {
     'identity': "the identity in eval mode (dropout, stochastic depth): removed",
     'cat': "concatenation: `Concat`, each input its slice",
     'activation': "element-wise non-linearity: `Activation`, the activation rule",
-    'squash': "a bounded element-wise or softmax squashing (sigmoid, tanh, hard-sigmoid, softmax, relu6): makes a product a gate; if it receives relevance itself, an activation (softmax: unsupported)",
+    'squash': "a bounded element-wise or softmax squashing (sigmoid, tanh, hard-sigmoid, softmax, relu6): makes a product a gate (a softmax: an attention product); if it receives relevance itself, an activation (a softmax: `Softmax`, the softmax rule)",
     'pool': "a parameter-free linear map (means, sums, average pools, interpolation): `Pool`, the pool rule",
     'maxpool': "max pooling: becomes the torch.nn module, the max-pool rule",
     'linear': "a linear map with a constant weight (functional conv, `F.linear`, `x @ W`): `Linear`, the layer rules by type",
@@ -254,6 +273,7 @@ OP_KINDS = {
     'norm': "a normalisation (`F.layer_norm`, `F.group_norm`, ...): `Normalization`, the norm rule",
     'normaliser': "computes a normaliser (norm, std, var, rsqrt): divisions and products by it are normalisations",
     'add': "a + b", 'sub': "a - b", 'mul': "a * b", 'div': "a / b", 'neg': "-a", 'matmul': "a @ b", 'addcmul': "torch.addcmul",
+    'einsum': "torch.einsum of two operands: a linear map when one is a constant, else a product (an attention product when one comes from a softmax)",
 }
 
 # data movement: the gradient moves relevance with its value
@@ -296,6 +316,7 @@ _TABLE = {
     'neg': {operator.neg, torch.neg, 'neg', '__neg__'},
     'matmul': {operator.matmul, torch.matmul, torch.mm, torch.bmm, 'matmul', 'mm', 'bmm', '__matmul__'},
     'addcmul': {torch.addcmul, 'addcmul'},
+    'einsum': {torch.einsum},
 }
 for _k, _fns in _TABLE.items():
     for _f in _fns: OPS[_f] = _k
@@ -316,6 +337,66 @@ def _inplace(n: fx.Node) -> bool:
     if n.target in INPLACE or n.kwargs.get('inplace') is True: return True
     return n.op == 'call_method' and n.target.endswith('_') and not n.target.endswith('__')
 
+# %% ../nbs/08b_lrp_graph.ipynb #a7e11a02
+def _attention_bias(attn_mask, key_padding_mask, causal, n_heads: int, dtype, device, blocked_when_true: bool):
+    "The additive bias on the attention logits (0, -inf, or the float masks) of one call; the tracer keeps this call whole."
+    bias = None
+    if causal is not None:  # (L, S): position i attends to j <= i (top-left aligned, as F.scaled_dot_product_attention)
+        keep = torch.ones(causal[0], causal[1], dtype=torch.bool, device=device).tril()
+        bias = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, float('-inf'))
+    for m, padding in ((attn_mask, False), (key_padding_mask, True)):
+        if m is None: continue
+        if m.dtype == torch.bool:
+            blocked = m if (blocked_when_true or padding) else ~m
+            m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(blocked, float('-inf'))
+        else: m = m.to(dtype)
+        if padding: m = m[:, None, None, :]  # (N, S) -> (N, 1, 1, S)
+        elif n_heads and m.dim() == 3: m = m.unflatten(0, (-1, n_heads))  # (N*H, L, S) -> (N, H, L, S)
+        bias = m if bias is None else bias + m
+    return bias
+fx.wrap('_attention_bias')
+
+def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    "`F.scaled_dot_product_attention` written out: softmax(q kᵀ * scale + mask) @ v, each step an op of its own."
+    if enable_gqa:
+        raise UnsupportedOpError("F.scaled_dot_product_attention with enable_gqa=True (grouped-query attention) has no written-out "
+                                 "form for LRP yet: repeat the keys and values to the number of query heads in the model instead.")
+    if not (isinstance(dropout_p, (int, float)) and dropout_p == 0):
+        raise UnsupportedOpError(f"F.scaled_dot_product_attention is called with dropout_p={dropout_p!r}: it drops attention weights "
+                                 f"at random even in eval mode, so there is no function to explain. Pass dropout_p=0 outside training.")
+    # the default scale as a 0-dim tensor: traced, the head size is a node, and an op's inputs must be tensors
+    s = scale if scale is not None else query.new_ones(()) * query.size(-1) ** -0.5
+    logits = (query @ key.transpose(-2, -1)) * s
+    if attn_mask is not None or is_causal:
+        causal = (query.size(-2), key.size(-2)) if is_causal else None
+        logits = logits + _attention_bias(attn_mask, None, causal, 0, query.dtype, query.device, False)
+    return logits.softmax(-1) @ value
+
+def multi_head_attention(m: nn.MultiheadAttention, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                         average_attn_weights=True, is_causal=False):
+    "`m(query, key, value, ...)` for an `nn.MultiheadAttention` with batched inputs, written out with its own parameters (`is_causal` is a hint: the mask decides)."
+    if m.bias_k is not None or m.add_zero_attn:
+        raise UnsupportedOpError("nn.MultiheadAttention with add_bias_kv=True or add_zero_attn=True has no written-out form for LRP "
+                                 "yet: build it without them, or give the module a rule by type with the composite's layer_map.")
+    if not m.batch_first: query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    E, H = m.embed_dim, m.num_heads
+    d = E // H
+    if m._qkv_same_embed_dim:
+        w = m.in_proj_weight
+        wq, wk, wv = w[:E], w[E:2 * E], w[2 * E:]
+    else: wq, wk, wv = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
+    b = m.in_proj_bias
+    bq, bk, bv = (None, None, None) if b is None else (b[:E], b[E:2 * E], b[2 * E:])
+    heads = lambda t: t.unflatten(-1, (H, d)).transpose(1, 2)  # (N, L, E) -> (N, H, L, d)
+    q, k, v = heads(F.linear(query, wq, bq)), heads(F.linear(key, wk, bk)), heads(F.linear(value, wv, bv))
+    logits = (q * d ** -0.5) @ k.transpose(-2, -1)
+    if attn_mask is not None or key_padding_mask is not None:
+        logits = logits + _attention_bias(attn_mask, key_padding_mask, None, H, q.dtype, q.device, True)
+    a = F.dropout(logits.softmax(-1), m.dropout, training=m.training)
+    o = F.linear((a @ v).transpose(1, 2).flatten(2), m.out_proj.weight, m.out_proj.bias)
+    if not m.batch_first: o = o.transpose(0, 1)
+    return o, (None if not need_weights else (a.mean(1) if average_attn_weights else a))
+
 # %% ../nbs/08b_lrp_graph.ipynb #e65bd7c4
 class LRPGraph(NamedTuple):
     "A model as LRP sees it: its traced graph with every functional op a module, and the BatchNorms folded."
@@ -329,14 +410,22 @@ class LRPGraph(NamedTuple):
     silent: frozenset = frozenset()  # call_module targets that receive no relevance (they compute gates, scales, normalisers)
 
 class _Tracer(fx.Tracer):
-    "torch.fx's tracer; modules given a rule by type or by name stay leaves too, unless they compute something else than their type."
+    "torch.fx's tracer; modules given a rule by type or by name stay leaves too, unless they compute something else than their type. Attention is traced written out: `nn.MultiheadAttention` through `multi_head_attention`, `F.scaled_dot_product_attention` through `attention`."
     def __init__(self, leaf_types=(), leaf_names=()):
         super().__init__()
         self.leaf_types, self.leaf_names = tuple(leaf_types), set(leaf_names)
     def is_leaf_module(self, m, qualname):
         if qualname in self.leaf_names: return True
         if self.leaf_types and isinstance(m, self.leaf_types) and (standard(m) or type(m) in self.leaf_types): return True
+        if isinstance(m, nn.MultiheadAttention) and standard(m): return False  # traced through `multi_head_attention`
         return super().is_leaf_module(m, qualname) and standard(m)
+    def call_module(self, m, forward, args, kwargs):
+        if isinstance(m, nn.MultiheadAttention) and not self.is_leaf_module(m, self.path_of_module(m)):
+            forward = lambda *a, **k: multi_head_attention(m, *a, **k)
+        return super().call_module(m, forward, args, kwargs)
+    def create_proxy(self, kind, target, args, kwargs, *rest, **kw):
+        if kind == 'call_function' and target is F.scaled_dot_product_attention: return attention(*args, **kwargs)
+        return super().create_proxy(kind, target, args, kwargs, *rest, **kw)
 
 def _where(n: fx.Node) -> str:
     "The module path in which node `n` was called."
@@ -438,6 +527,42 @@ def _squashed(root, n: fx.Node, path: set) -> bool:
         if len(ins) == 1 and k in ('move', 'add', 'sub', 'mul', 'div', 'neg'): n = ins[0]; continue
         return False
 
+SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax, 'softmax'}
+
+def _softmaxed(root, n: fx.Node, path: set) -> bool:
+    "Is n the output of a softmax, up to data movement, dropout and constants (attention probabilities)?"
+    while True:
+        if n.op == 'call_module':
+            m = _module_of(root, n)
+            if isinstance(m, nn.Softmax): return True
+            if isinstance(m, (nn.Dropout, nn.Identity)) and n.args and isinstance(n.args[0], fx.Node): n = n.args[0]; continue
+            return False
+        if n.op in ('call_function', 'call_method') and n.target in SOFTMAX_FUNCTIONS: return True
+        k = op_kind(n)
+        ins = [a for a in n.all_input_nodes if a in path]
+        if len(ins) == 1 and k in ('move', 'identity', 'mul', 'div'): n = ins[0]; continue
+        return False
+
+def _bilinear(root, n: fx.Node, a: fx.Node, b: fx.Node, path: set, attention: str, fn, args: tuple):
+    "A product of two signals: an `Attention` when one factor is attention probabilities (a softmax's output), else a `Product`."
+    sa, sb = _softmaxed(root, a, path), _softmaxed(root, b, path)
+    if sa != sb: return Attention(fn, args, {}, 1 if sa else 0, attention), [a, b]
+    return None
+
+def _einsum(root, n: fx.Node, path: set, attention: str):
+    "torch.einsum(eq, a, b): a `Linear` when one operand is a constant, an `Attention` or a `Product` when both carry relevance."
+    eq, ops = (n.args[0], n.args[1:]) if n.args else (None, ())
+    if len(ops) == 1 and isinstance(ops[0], (tuple, list)): ops = tuple(ops[0])
+    if not isinstance(eq, str) or len(ops) != 2 or n.kwargs: return 'bad'
+    a, b = ops
+    if _on(a, path) and not _on(b, path) and isinstance(b, fx.Node):
+        return Linear('einsum', 1, options=dict(equation=eq, x_first=True), label='torch.einsum'), [a, b]
+    if _on(b, path) and not _on(a, path) and isinstance(a, fx.Node):
+        return Linear('einsum', 1, options=dict(equation=eq, x_first=False), label='torch.einsum'), [b, a]
+    if not (_on(a, path) and _on(b, path)): return 'bad'
+    return _bilinear(root, n, a, b, path, attention, torch.einsum, (eq, _Arg(0), _Arg(1))) or \
+           (Product(torch.einsum, (eq, _Arg(0), _Arg(1)), {}, (0, 1)), [a, b])
+
 def _normalises(other: fx.Node, signal: fx.Node) -> bool:
     "Is `other` (computed from `signal`) a normaliser of it: does a norm, std, var, rsqrt, ... lie between them?"
     between = _ancestors(other) - _ancestors(signal)
@@ -463,12 +588,15 @@ def _setitem(x, index, value):
 
 def _on(a, path) -> bool: return isinstance(a, fx.Node) and a in path
 
-def _linear(n: fx.Node, path: set):
+def _linear(n: fx.Node, path: set, root=None, attention: str = 'cp'):
     "A `Linear` op for a functional conv, `F.linear` or a product with a constant matrix; 'bad' otherwise."
     if op_kind(n) == 'matmul':
         a, b = n.args[0], n.args[1]
         if _on(a, path) and not _on(b, path): return Linear('matmul', 1, label=_fn_name(n.target)), [a, b]
         if _on(b, path) and not _on(a, path): return Linear('rmatmul', 1, label=_fn_name(n.target)), [b, a]
+        if _on(a, path) and _on(b, path) and len(n.args) == 2 and not n.kwargs:
+            att = _bilinear(root, n, a, b, path, attention, n.target, (_Arg(0), _Arg(1)))
+            if att is not None: return att
         return _generic(Product, n, path)  # two tensors that carry relevance
     norm = _normalized(n)
     if norm is None:  # torch.conv2d and friends: read the documented signature
@@ -482,7 +610,7 @@ def _linear(n: fx.Node, path: set):
     inputs = [x, w] + ([b] if isinstance(b, fx.Node) else [])
     return Linear(form, 1, 2 if isinstance(b, fx.Node) else None, norm, label=_fn_name(n.target)), inputs
 
-def _rewrite(root, n: fx.Node, path: set, names: dict, leaf_names: set):
+def _rewrite(root, n: fx.Node, path: set, names: dict, leaf_names: set, attention: str = 'cp'):
     "What node n (a function or method call on the relevance path) becomes: None (kept: its gradient), a node (removed: the identity), (module, inputs), or 'bad'."
     if names[n] in leaf_names: return _generic(Op, n, path)  # a rule given to this op by name
     if n.op == 'call_function' and n.target is getattr: return None
@@ -523,7 +651,8 @@ def _rewrite(root, n: fx.Node, path: set, names: dict, leaf_names: set):
     if k == 'addcmul':
         m, inputs = _generic(Constant, n, path)
         return (m, inputs) if len(m.path) == 1 else 'bad'
-    if k in ('linear', 'matmul'): return _linear(n, path)
+    if k in ('linear', 'matmul'): return _linear(n, path, root, attention)
+    if k == 'einsum': return _einsum(root, n, path, attention)
     if k == 'batchnorm':
         norm = _normalized(n)
         if norm is None or norm.get('training') or norm.get('running_mean') is None or norm.get('running_var') is None: return 'bad'
@@ -533,7 +662,7 @@ def _rewrite(root, n: fx.Node, path: set, names: dict, leaf_names: set):
         return BatchNorm(norm.get('eps', 1e-5), [t is not None for t in ts]), [x] + [t for t in ts if t is not None]
     if k == 'activation': return _generic(Activation, n, path, drop=('inplace',))
     if k == 'squash':
-        if n.target in (F.softmax, torch.softmax, 'softmax'): return 'bad'  # not element-wise: no rule unless it receives none
+        if n.target in SOFTMAX_FUNCTIONS: return _generic(Softmax, n, path, drop=('_stacklevel',))
         return _generic(Activation, n, path, drop=('inplace',))
     if k == 'pool': return _generic(Pool, n, path)
     if k == 'maxpool':
@@ -637,9 +766,12 @@ def trace(model: nn.Module, # the model (in eval mode: training-only branches ar
           leaf_types: tuple = (), # module types that stay leaves (they have a rule of their own)
           leaf_names: tuple = (), # module names and op names (`layer1.0.add`) that have a rule by name
           fold_batchnorm: bool = True, # fold each BatchNorm that follows a conv/linear layer into it
+          attention: str = 'cp', # 'cp': attention probabilities are constants (CP-LRP); 'attnlrp': they carry relevance too
          ) -> LRPGraph:
     "The model as a graph of modules: functional ops become `Op` modules, BatchNorms are folded; the model is not modified."
+    if attention not in ('cp', 'attnlrp'): raise ValueError(f"attention must be 'cp' or 'attnlrp', got {attention!r}")
     try: graph = _Tracer(leaf_types, leaf_names).trace(model, concrete_args=_concrete_args(model) or None)
+    except UnsupportedOpError: raise  # an attention the written-out forms do not cover: say so
     except Exception as e:
         return LRPGraph(None, {}, {}, {}, {}, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -647,7 +779,7 @@ def trace(model: nn.Module, # the model (in eval mode: training-only branches ar
     names = _display_names(graph)
     path = _relevance_path(graph)
     leaf_names = set(leaf_names)
-    decisions = {n: _rewrite(model, n, path, names, leaf_names) for n in graph.nodes
+    decisions = {n: _rewrite(model, n, path, names, leaf_names, attention) for n in graph.nodes
                  if n in path and n.op in ('call_function', 'call_method')}
     receiving = _receiving(graph, path, decisions)
     bad = [n for n, d in decisions.items() if isinstance(d, str) and n in receiving]

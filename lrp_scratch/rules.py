@@ -4,7 +4,8 @@
 
 # %% ../nbs/08d_lrp_rules.ipynb #5d9c3b0c
 from __future__ import annotations
-import math
+import inspect, math
+from torch.overrides import TorchFunctionMode
 from typing import Callable, NamedTuple, Sequence
 import torch
 import torch.nn as nn
@@ -13,9 +14,10 @@ from .kernels import stabilized_div, filtered_stabilized_div, relevance_filter a
 from .lrp_graph import Sum, centring
 
 # %% auto #0
-__all__ = ['relevance_filter', 'LRPContext', 'redistribute', 'redistribute_graph', 'Rule', 'Epsilon', 'LRP0', 'ZPlus',
-           'AlphaBeta', 'Alpha1Beta0', 'Alpha2Beta1', 'Gamma', 'ZBox', 'Flat', 'WSquare', 'Pass', 'SignalTakesAll',
-           'Norm', 'CentredNorm', 'UniformProduct', 'MaxPoolAsAvg', 'OnesInput']
+__all__ = ['ATTENTION_RULES', 'relevance_filter', 'LRPContext', 'redistribute', 'redistribute_graph', 'Rule', 'Epsilon', 'LRP0',
+           'ZPlus', 'AlphaBeta', 'Alpha1Beta0', 'Alpha2Beta1', 'Gamma', 'ZBox', 'Flat', 'WSquare', 'Pass',
+           'SignalTakesAll', 'Norm', 'CentredNorm', 'UniformProduct', 'MaxPoolAsAvg', 'CPAttention', 'AttnLRP',
+           'SoftmaxRule', 'attention_rule', 'OnesInput']
 
 # %% ../nbs/08d_lrp_rules.ipynb #8b902fff
 def _check_top_k(top_k):
@@ -296,6 +298,39 @@ class MaxPoolAsAvg(Rule):
         return redistribute(pool, [(ctx.x, None, None)], r, self.stabilizer, ctx.k)
 
 def _tuple(v): return v if isinstance(v, tuple) else (v,)
+
+# %% ../nbs/08d_lrp_rules.ipynb #a7e11b02
+class CPAttention(Rule):
+    "CP-LRP: the attention probabilities are constants of the call; the values get the z-rule of V -> A V (conserves)."
+    needs_params, fuses_filter, mode = False, True, 'cp'
+    def __init__(self, stabilizer: float = 1e-6): self.stabilizer = _check_eps('stabilizer', stabilizer)
+    def relevance(self, ctx, r): return redistribute(ctx.fn, [(ctx.x, None, None)], r, self.stabilizer, ctx.k)
+
+class AttnLRP(UniformProduct):
+    "AttnLRP on A V: the uniform rule, each factor half of the z-rule (Prop. 3.3); the softmax and Q K^T then receive relevance."
+    mode = 'attnlrp'
+
+class SoftmaxRule(Rule):
+    "AttnLRP's softmax rule (Prop. 3.1): R_x = x * (R_s - s * sum R_s), the softmax's gradient applied to R_s / s, times x; masked (-inf) inputs get none."
+    needs_params = False
+    def __init__(self, stabilizer: float = 0.): self.stabilizer = _check_eps('stabilizer', stabilizer)
+    def relevance(self, ctx, r):
+        x = ctx.x.detach().requires_grad_(True)
+        with torch.enable_grad(): s = ctx.fn(x)
+        (g,) = torch.autograd.grad(s, x, stabilized_div(r, s.detach(), self.stabilizer))
+        x = ctx.x.detach()
+        return torch.where(torch.isfinite(x), x, torch.zeros_like(x)) * g
+
+ATTENTION_RULES = {'cp': CPAttention, 'attnlrp': AttnLRP}
+
+def attention_rule(rule: str|Rule, # 'cp', 'attnlrp', or a `CPAttention` / `AttnLRP`
+                   stabilizer: float = 1e-6, # for a rule given by name
+                  ) -> Rule:
+    "The attention rule from itself or its name."
+    if isinstance(rule, (CPAttention, AttnLRP)): return rule
+    if isinstance(rule, str) and rule.lower() in ATTENTION_RULES: return ATTENTION_RULES[rule.lower()](stabilizer)
+    raise ValueError(f"attention_rule must be 'cp' (CP-LRP: the attention probabilities are constants), 'attnlrp' (AttnLRP: "
+                     f"the uniform rule on both matrix products and the softmax rule), or CPAttention(...) / AttnLRP(...); got {rule!r}")
 
 # %% ../nbs/08d_lrp_rules.ipynb #8d248c94
 class OnesInput(Rule):
