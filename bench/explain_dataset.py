@@ -25,7 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from lrp_scratch.cli import build_model, load_datasets  # noqa: E402
+from lrp_scratch.factory import build_model, load_datasets  # noqa: E402
 from lrp_scratch.lrp import EpsilonPlusFlat, LRPModel  # noqa: E402
 import lrp_scratch.relevance_store as rs  # noqa: E402
 from lrp_scratch.relevance_store import explain_dataset, load_batch  # noqa: E402
@@ -81,7 +81,7 @@ def overhead(args, model, ds, tmp):
 JOB = textwrap.dedent("""
     import json, sys, time, torch
     sys.path.insert(0, {root!r})
-    from lrp_scratch.cli import build_model, load_datasets
+    from lrp_scratch.factory import build_model, load_datasets
     from lrp_scratch.relevance_store import explain_dataset
     from lrp_scratch.distributed import dist_env
     torch.set_num_threads(1)

@@ -14,19 +14,16 @@ def load_libraries():
     import numpy as np
     import torch
     import matplotlib.pyplot as plt
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
     from lrp_scratch import lrp
     from lrp_scratch.core import get_device, platform_info
     from lrp_scratch.kernels import build_info
     from lrp_scratch.loggers import LOG_DATEFMT, LOG_FORMAT, get_logger
-    from lrp_scratch.data_loaders import DATASETS, DatasetFileError, InMemoryDataset, TensorLoader, get_dataset, loader
-    from lrp_scratch.data_transformations import MNIST_MEAN, MNIST_STD, default_mnist_ops, mnist_transform
-    from lrp_scratch.data_transformations import CenterCrop, Compose, Normalize, Resize, ToTensor
-    from lrp_scratch.models import VGG
-    from lrp_scratch.models import ResNet
-    from lrp_scratch.models import ViT
+    from lrp_scratch.data_loaders import DATASETS, DatasetFileError, InMemoryDataset, TensorLoader, loader
+    from lrp_scratch.factory import COMPOSITES, MODELS, build_model, load_datasets, load_image, make_composite, model_from_checkpoint
+    from lrp_scratch.factory import imagenet_composite, load_imagenet_image, top_classes, torchvision_model, torchvision_preprocessing
     from lrp_scratch.optimizers import OPTIMIZERS
-    from lrp_scratch.trainers import CHECKPOINT_FORMAT, CheckpointError, History, MPTrainer, Trainer, check_state_dict, load_checkpoint, load_torch_file
+    from lrp_scratch.trainers import CHECKPOINT_FORMAT, CheckpointError, History, MPTrainer, Trainer, load_checkpoint
     from lrp_scratch.testers import Tester, TestReport
     from lrp_scratch.visualization import BLANK_HEATMAP, BlankHeatmapWarning, is_blank, plot_relevance_scores, relevance_grid
     from lrp_scratch.distributed import DistributedSetupError, dist_env, is_main, shutdown_distributed
@@ -41,20 +38,19 @@ def parse_first() -> bool:
 # The command builds its parser from the names below and imports the libraries after parsing (`main`), so `--help` and
 # mistyped arguments answer at once instead of after seconds of importing torch; imported as a library, the module has them now.
 DATASET_NAMES, OPTIMIZER_NAMES = ('mnist', 'digits'), ('sgd', 'adam', 'adamw', 'rmsprop')  # checked against the registries below
+MODEL_NAMES = ('vgg11', 'vgg13', 'vgg16', 'vgg19', 'resnet18', 'resnet34', 'resnet50', 'vit', 'vit_digits', 'vit_tiny')  # the factory's MODELS
+COMPOSITE_NAMES = ('EpsilonPlusFlat', 'EpsilonPlus', 'EpsilonGammaBox', 'EpsilonAlpha2Beta1', 'EpsilonAlpha2Beta1Flat', 'classic')  # its COMPOSITES
 if parse_first(): os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch loads OpenMP: see "On a busy machine"
 else: load_libraries()
 
 # %% auto #0
-__all__ = ['DATASET_NAMES', 'OPTIMIZER_NAMES', 'USER_ERRORS', 'fraction', 'positive', 'valid_ratio', 'TARGETS', 'target_arg',
-           'MODELS', 'COMPOSITES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'dataset_target_arg', 'TRAIN_TIME', 'SEED_PICKS',
-           'load_libraries', 'parse_first', 'CLIError', 'one_line', 'positive_int', 'non_negative_int', 'choice',
-           'target_type', 'target_help', 'load_datasets', 'build_model', 'model_from_checkpoint', 'load_image',
-           'make_composite', 'explain_batches', 'torchvision_classifiers', 'torchvision_name',
-           'torchvision_preprocessing', 'load_imagenet_image', 'load_state_dict_file', 'torchvision_model',
-           'imagenet_composite', 'top_classes', 'run_arguments', 'changed_arguments', 'resume_plan', 'cmd_train',
-           'cmd_test', 'png_destination', 'cmd_explain', 'cmd_explain_torchvision', 'cmd_demo', 'platform_lines',
-           'cmd_info', 'cmd_explain_dataset', 'make_parser', 'launch_command', 'launched', 'cmd_train_launch', 'k_list',
-           'cmd_spray', 'main']
+__all__ = ['DATASET_NAMES', 'OPTIMIZER_NAMES', 'MODEL_NAMES', 'COMPOSITE_NAMES', 'USER_ERRORS', 'fraction', 'positive',
+           'valid_ratio', 'TARGETS', 'target_arg', 'dataset_target_arg', 'TRAIN_TIME', 'SEED_PICKS', 'load_libraries',
+           'parse_first', 'CLIError', 'one_line', 'positive_int', 'non_negative_int', 'choice', 'target_type',
+           'target_help', 'explain_batches', 'torchvision_name', 'run_arguments', 'changed_arguments', 'resume_plan',
+           'cmd_train', 'cmd_test', 'png_destination', 'cmd_explain', 'cmd_explain_torchvision', 'cmd_demo',
+           'platform_lines', 'cmd_info', 'cmd_explain_dataset', 'make_parser', 'launch_command', 'launched',
+           'cmd_train_launch', 'k_list', 'cmd_spray', 'main']
 
 # %% ../nbs/14_cli.ipynb #48d81e86
 class CLIError(Exception):
@@ -182,110 +178,7 @@ def _rel(p: Path) -> str:
     try: return str(Path(p).resolve().relative_to(Path.cwd().resolve()))
     except ValueError: return str(p)
 
-# %% ../nbs/14_cli.ipynb #c6feb3ff
-def _take(ds: InMemoryDataset, n: int, seed: int) -> InMemoryDataset:
-    "At most `n` items of `ds`: a seeded random subset in dataset order (all of them when `n >= len(ds)`)."
-    if n >= len(ds): return ds
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return ds.subset(idx)
-
-def load_datasets(dataset: str = 'digits', # 'digits' (generated offline) or 'mnist' (files in root, downloaded when missing)
-                  root: str|Path = 'datasets', # the folder that holds MNIST/raw/
-                  n_train: int = 6000, # training images (MNIST: at most this many, a seeded random subset)
-                  n_test: int = 1000, # test images (likewise)
-                  seed: int = 0, # digits: which images; MNIST: which subset
-                  download: bool = True, # MNIST: fetch missing files
-                  mnist_test_only: bool = False, # MNIST: split the test files 80/20 into train and test (machines without the training files)
-                  only_test: bool = False, # return only the test set (and never read the training files)
-                 ):
-    "`(train, test)` datasets (or the test set) as the command line uses them: 3x32x32 normalised by `mnist_transform()`."
-    t = mnist_transform()
-    if dataset == 'digits':
-        if only_test: return get_dataset(root, t, dataset='digits', split='test', n_test=n_test, seed=seed)
-        return get_dataset(root, t, dataset='digits', n_train=n_train, n_test=n_test, seed=seed)
-    if mnist_test_only:
-        train, test = get_dataset(root, t, dataset='mnist', download=download, split='test').random_split(0.8, seed=seed)
-    elif only_test: train, test = None, get_dataset(root, t, dataset='mnist', download=download, split='test')
-    else: train, test = get_dataset(root, t, dataset='mnist', download=download)
-    test = _take(test, n_test, seed + 1)
-    return test if only_test else (_take(train, n_train, seed), test)
-
-# %% ../nbs/14_cli.ipynb #fcf86abc
-MODELS = ('vgg11', 'vgg13', 'vgg16', 'vgg19', 'resnet18', 'resnet34', 'resnet50', 'vit', 'vit_digits', 'vit_tiny')  # 'vit': 'vit_digits'
-
-def build_model(name: str = 'vgg11', # one of `MODELS`: 'vgg11', 'vgg13', 'vgg16', 'vgg19', 'resnet18', 'resnet34', 'resnet50', 'vit' (= 'vit_digits'), 'vit_tiny'
-                width: float = 1.0, # channel multiplier (0.25: a quarter of the channels, about 16x fewer operations); ViTs: of hidden_dim and mlp_dim
-                batch_norm: bool = True, # VGG: BatchNorm2d after each conv (ResNets always have it)
-                seed: int = 0, # the initial weights
-               ) -> VGG|ResNet|ViT:
-    "A VGG, a ResNet (the 32x32 stem) or a ViT (4x4 patches) for 10 classes of 3x32x32 images (the transformed digits and MNIST)."
-    if name not in MODELS: raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    if name.startswith('vit'):
-        if not batch_norm: raise ValueError(f"{name} has no batch norm (a ViT normalises with LayerNorm); --no-batch-norm is for the VGGs")
-        return ViT('vit_digits' if name == 'vit' else name, n_classes=10, in_channels=3, image_size=32, width=width, seed=seed)
-    if name.startswith('resnet'):
-        if not batch_norm: raise ValueError(f"{name} always has batch norm (it is part of every residual block); --no-batch-norm is for the VGGs")
-        return ResNet(name, n_classes=10, in_channels=3, stem='small', width=width, seed=seed)
-    return VGG(name, n_classes=10, in_channels=3, input_size=32, batch_norm=batch_norm, width=width, seed=seed)
-
-def model_from_checkpoint(path: str|Path, # a checkpoint written by `lrp-scratch train`/`demo` (Trainer.save_model of a VGG or ResNet)
-                          device: str|torch.device = 'cpu',
-                         ) -> VGG|ResNet|ViT:
-    "Rebuild the VGG, ResNet or ViT a checkpoint was saved from (its class name and `model.config`) and load its weights; in eval mode."
-    ck = load_checkpoint(path, map_location=device)
-    config = (ck.get('config') or {}) if ck.get('format') == CHECKPOINT_FORMAT else {}
-    cfg = config.get('model_config')
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path} does not record its model's configuration (model_config): give a checkpoint written by "
-                              "lrp-scratch train or demo (Trainer.save_model of a lrp_scratch VGG or ResNet)")
-    saved = str(config.get('model', ''))
-    cls = ResNet if saved.startswith('ResNet') else ViT if saved.startswith('ViT') else VGG  # older checkpoints are all VGGs
-    try: model = cls(**cfg, init_weights=False)
-    except (TypeError, ValueError) as e: raise CheckpointError(f"{path}: its model_config {cfg} does not build a {cls.__name__} ({e})") from None
-    check_state_dict(model, ck['model'], f"checkpoint {path}")
-    model.load_state_dict(ck['model'])
-    return model.to(device).eval()
-
-# %% ../nbs/14_cli.ipynb #fdb6b786
-def _background(a: np.ndarray) -> int:
-    "The background grey level of an image: the median of its border pixels."
-    return int(np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])))
-
-def load_image(path: str|Path, # a PNG, JPEG, ... file (any size, colour or grey)
-               size: int = 32, # the model's input size
-               channels: int = 3, # the model's input channels
-               invert: str = 'auto', # 'auto': invert dark-on-light images (MNIST digits are light on dark); 'yes'; 'no'
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    "An image file as a model input `(1, C, size, size)`, converted like the training data; also the 28x28 uint8 grey image."
-    path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f"image {path} does not exist")
-    if path.is_dir(): raise IsADirectoryError(f"image {path} is a folder; give an image file (PNG, JPEG, ...)")
-    try:
-        with Image.open(path) as im: img = ImageOps.exif_transpose(im)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise CLIError(f"{path} is not an image file that can be read (PNG, JPEG, ...): {type(e).__name__}") from None
-    if img.mode in ('RGBA', 'LA', 'PA') or 'transparency' in img.info:  # transparent: put it on white paper
-        img = Image.alpha_composite(Image.new('RGBA', img.size, 'white'), img.convert('RGBA'))
-    grey = img.convert('L')
-    bg = _background(np.asarray(grey))
-    side = max(grey.size)
-    grey = ImageOps.pad(grey, (side, side), color=bg).resize((28, 28), Image.Resampling.BILINEAR)  # square, then MNIST's size
-    x28 = torch.from_numpy(np.array(grey))
-    if invert == 'yes' or (invert == 'auto' and bg > 127): x28 = 255 - x28
-    x = mnist_transform(default_mnist_ops(size, channels))(x28[None, None])
-    return x, x28
-
 # %% ../nbs/14_cli.ipynb #57f3813d
-COMPOSITES = ('EpsilonPlusFlat', 'EpsilonPlus', 'EpsilonGammaBox', 'EpsilonAlpha2Beta1', 'EpsilonAlpha2Beta1Flat', 'classic')  # lrp.PRESETS, the default first
-
-def make_composite(name: str) -> lrp.Composite:
-    "The LRP composite called `name` (one of `COMPOSITES`); EpsilonGammaBox gets the bounds of normalised pixels."
-    if name not in COMPOSITES: raise ValueError(f"unknown composite {name!r}; choose from {', '.join(COMPOSITES)}")
-    if name == 'EpsilonGammaBox':
-        low, high = [(v - MNIST_MEAN[0]) / MNIST_STD[0] for v in (0.0, 1.0)]
-        return lrp.EpsilonGammaBox(low, high)
-    return lrp.get_composite(name)  # the presets by name (one registry, lrp.PRESETS)
-
 def explain_batches(model: torch.nn.Module, x: torch.Tensor, # images (N, C, H, W) on the model's device
                     composite: str = 'EpsilonPlusFlat', top_k: float = 0.0,
                     target: str|int = 'pred', # 'pred', 'softmax' (the original's seed) or a class
@@ -302,111 +195,15 @@ def explain_batches(model: torch.nn.Module, x: torch.Tensor, # images (N, C, H, 
     return torch.cat(rs), torch.cat(outs)
 
 # %% ../nbs/14_cli.ipynb #0bf1e061
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's per-channel pixel mean and std (in [0, 1])
-
-def torchvision_classifiers() -> list[str]:
-    "The names of torchvision's image classification models (`torchvision.models.list_models(module=torchvision.models)`)."
-    import torchvision
-    return torchvision.models.list_models(module=torchvision.models)
-
 def torchvision_name(s: str) -> str:
     "argparse type: the name of a torchvision classification model (any case), with the closest names when it is not one."
     import difflib
+    from lrp_scratch.factory import torchvision_classifiers  # (imported when used: it imports torch)
     names = torchvision_classifiers()
     if s.lower() in names: return s.lower()
     near = difflib.get_close_matches(s.lower(), names, n=4, cutoff=0.5)
     raise argparse.ArgumentTypeError(f"{s!r} is not one of torchvision's {len(names)} classification models"
                                      + (f"; did you mean {', '.join(near)}?" if near else f" ({', '.join(names[:6])}, ...)"))
-
-def torchvision_preprocessing(name: str, # a torchvision classification model
-                             ) -> dict:
-    "`resize`, `crop`, `mean`, `std` and ImageNet `categories` of torchvision's first weights for `name`, read offline from its metadata."
-    import torchvision
-    pre = dict(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, categories=None)
-    try: weights = list(torchvision.models.get_model_weights(name))
-    except (ValueError, KeyError): return pre  # a model without registered weights: the classic ImageNet evaluation
-    if not weights: return pre
-    t, meta = weights[0].transforms(), weights[0].meta  # builds a small transform object; downloads nothing
-    pre.update(resize=int(t.resize_size[0]), crop=int(t.crop_size[0]), mean=tuple(t.mean), std=tuple(t.std), categories=meta.get('categories'))
-    return pre
-
-# %% ../nbs/14_cli.ipynb #d9c34bef
-def _open_rgb(path: Path) -> Image.Image:
-    "An image file as an RGB PIL image (EXIF orientation applied, transparent areas on white), with clear errors."
-    if not path.exists(): raise FileNotFoundError(f"image {path} does not exist")
-    if path.is_dir(): raise IsADirectoryError(f"image {path} is a folder; give an image file (PNG, JPEG, ...)")
-    try:
-        with Image.open(path) as im: img = ImageOps.exif_transpose(im)
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise CLIError(f"{path} is not an image file that can be read (PNG, JPEG, ...): {type(e).__name__}") from None
-    if img.mode in ('RGBA', 'LA', 'PA') or 'transparency' in img.info:
-        img = Image.alpha_composite(Image.new('RGBA', img.size, 'white'), img.convert('RGBA'))
-    return img.convert('RGB')
-
-def load_imagenet_image(path: str|Path, # a PNG, JPEG, ... file (any size, colour or grey)
-                        resize: int = 256, # the shorter side is resized to this (bilinear with antialiasing, as PIL)
-                        crop: int = 224, # then the centre crop x crop is kept
-                        mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, # normalisation per channel
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    "An image file as a model input `(1, 3, crop, crop)`, preprocessed as for torchvision's ImageNet models; also the crop in [0, 1]."
-    img = _open_rgb(Path(path))
-    shown = Compose([ToTensor(), Resize(resize), CenterCrop(crop)])(img).clamp(0, 1)
-    return Normalize(mean, std)(shown)[None], shown[None]
-
-# %% ../nbs/14_cli.ipynb #c93b6b96
-def load_state_dict_file(path: str|Path, # a file written by `torch.save(model.state_dict(), path)`
-                        ) -> dict:
-    "A state dict from a file, loaded safely (`torch.load(weights_only=True)`, on the CPU), with clear errors for missing, corrupt and unsafe files."
-    sd = load_torch_file(path, 'cpu', 'weights file')  # what the file is when it is not one (one paragraph)
-    is_sd = lambda d: isinstance(d, dict) and len(d) > 0 and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
-    if isinstance(sd, dict) and not is_sd(sd):  # a training checkpoint that holds the state dict under a common key
-        sd = next((sd[k] for k in ('state_dict', 'model', 'model_state_dict') if is_sd(sd.get(k))), sd)
-    if not is_sd(sd):
-        what = f"a dict with keys {list(sd)[:5]}" if isinstance(sd, dict) else f"a {type(sd).__name__}"
-        raise CLIError(f"{path} holds {what}, not a state dict (parameter names -> tensors); save it with torch.save(model.state_dict(), FILE)")
-    return sd
-
-def torchvision_model(name: str, # a torchvision classification model, e.g. 'resnet50'
-                      weights: str|Path|None = None, # a state dict file; None: random weights
-                      num_classes: int = 1000, # the outputs of the model the weights are for
-                      seed: int = 0, # random weights: their seed (the global RNG is left alone)
-                     ) -> torch.nn.Module:
-    "`torchvision.models.<name>(weights=None, num_classes=...)` with the weights of the file (or seeded random ones); in eval mode."
-    import torchvision, warnings
-    if name not in torchvision_classifiers(): raise CLIError(f"{name!r} is not a torchvision classification model")
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        torch.manual_seed(seed)
-        warnings.simplefilter('ignore', FutureWarning)  # googlenet/inception_v3 warn about their future default init
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    if weights is not None:
-        sd = load_state_dict_file(weights)
-        try: check_state_dict(model, sd, f"weights file {weights}")
-        except CheckpointError as e:
-            prefix = ' (its keys start with "module.": it was saved from a DataParallel model; save model.module.state_dict())' \
-                     if all(k.startswith('module.') for k in sd) else ''
-            raise CLIError(f"{e}{prefix}; is it the state dict of torchvision.models.{name}(num_classes={num_classes})? "
-                           "--num-classes sets the classes") from None
-        model.load_state_dict(sd)
-    return model.eval()
-
-# %% ../nbs/14_cli.ipynb #da89368a
-def imagenet_composite(name: str, # one of `COMPOSITES`
-                       mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, # the input normalisation
-                      ) -> lrp.Composite:
-    "The composite called `name`; EpsilonGammaBox gets the per-channel bounds of pixels in [0, 1] after `Normalize(mean, std)`."
-    if name != 'EpsilonGammaBox': return make_composite(name)
-    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
-    return lrp.EpsilonGammaBox((0 - m) / s, (1 - m) / s)
-
-def top_classes(logits: torch.Tensor, # one image's outputs (n_classes,)
-                k: int = 5, # how many
-                categories: Sequence[str]|None = None, # the class names, when known
-               ) -> list[tuple[int, str|None, float]]:
-    "The `k` most probable classes: `(index, name or None, probability)`, best first."
-    probs = torch.softmax(logits.detach().double(), 0)
-    p, idx = probs.topk(min(k, len(probs)))
-    return [(int(i), categories[int(i)] if categories is not None else None, float(v)) for v, i in zip(p, idx)]
 
 # %% ../nbs/14_cli.ipynb #b3f84968
 def _torchvision_args(p):
@@ -755,8 +552,8 @@ def _explain_dataset_parser(sub):
     p.add_argument('--out', required=True, metavar='DIR', help='the store folder (created; an existing store is resumed)')
     p.add_argument('--split', type=choice(('test', 'train'), 'split'), default='test', metavar='{test,train}', help='which images (default: %(default)s)')
     g = p.add_argument_group('LRP')
-    g.add_argument('--composite', type=choice(COMPOSITES, 'composite'), default='EpsilonPlusFlat', metavar='NAME',
-                   help=f"the rules: {', '.join(COMPOSITES)} (default: %(default)s)")
+    g.add_argument('--composite', type=choice(COMPOSITE_NAMES, 'composite'), default='EpsilonPlusFlat', metavar='NAME',
+                   help=f"the rules: {', '.join(COMPOSITE_NAMES)} (default: %(default)s)")
     g.add_argument('--top-k', type=fraction, default=0.0, metavar='F', help='relevance filter: fraction of values kept at each layer, 0 = off')
     g.add_argument('--target', type=dataset_target_arg, default='pred', metavar='{pred,label,CLASS}',
                    help=target_help('pred', 'label'))
@@ -786,7 +583,7 @@ def _data_args(p, train: bool = True, n_train: int = 6000, seeds: str = 'seeds t
 
 def _train_args(p, epochs: int, width: float):
     g = p.add_argument_group('model and training')
-    g.add_argument('--model', type=choice(MODELS, 'model'), default='vgg11', metavar='{' + ','.join(MODELS) + '}', help='the architecture (default: %(default)s)')
+    g.add_argument('--model', type=choice(MODEL_NAMES, 'model'), default='vgg11', metavar='{' + ','.join(MODEL_NAMES) + '}', help='the architecture (default: %(default)s)')
     g.add_argument('--width', type=positive, default=width, metavar='W', help='channel multiplier of the model (default: %(default)s)')
     g.add_argument('--no-batch-norm', action='store_true', help='a VGG without BatchNorm2d (trains more slowly from scratch)')
     g.add_argument('--epochs', type=positive_int, default=epochs, metavar='N', help='training epochs (default: %(default)s)')
@@ -806,8 +603,8 @@ def _train_args(p, epochs: int, width: float):
 
 def _lrp_args(p):
     g = p.add_argument_group('LRP')
-    g.add_argument('--composite', type=choice(COMPOSITES, 'composite'), default='EpsilonPlusFlat', metavar='NAME',
-                   help=f"the rules: {', '.join(COMPOSITES)} (default: %(default)s; the original project: classic)")
+    g.add_argument('--composite', type=choice(COMPOSITE_NAMES, 'composite'), default='EpsilonPlusFlat', metavar='NAME',
+                   help=f"the rules: {', '.join(COMPOSITE_NAMES)} (default: %(default)s; the original project: classic)")
     g.add_argument('--top-k', type=fraction, default=0.0, metavar='F', help='relevance filter: fraction of values kept at each layer, 0 = off (the original: 0.02)')
     g.add_argument('--target', type=target_arg, default='pred', metavar='{pred,softmax,CLASS}',
                    help=target_help('pred', 'softmax'))

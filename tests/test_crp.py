@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # MODE 'run' goes to the end; 'item=K' dies (SIGKILL) while loading item K.
 SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from lrp_scratch.cli import build_model, load_datasets
+    from lrp_scratch.factory import build_model, load_datasets
     from lrp_scratch.crp import relevance_maximization
 
     out, mode = sys.argv[1], sys.argv[2]

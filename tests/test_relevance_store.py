@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import numpy as np
-    from lrp_scratch.cli import build_model, load_datasets
+    from lrp_scratch.factory import build_model, load_datasets
     from lrp_scratch.relevance_store import explain_dataset
 
     out, mode = sys.argv[1], sys.argv[2]

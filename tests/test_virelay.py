@@ -72,7 +72,7 @@ def wait_for(url: str, proc: subprocess.Popen, log: Path, limit: float = 90):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     "A store of 36 digits (classes 0, 1, 2 of 120 test digits, an untrained VGG11) and `lrp-scratch spray` on it."
-    from lrp_scratch.cli import build_model, load_datasets
+    from lrp_scratch.factory import build_model, load_datasets
     from lrp_scratch.relevance_store import explain_dataset
     tmp = tmp_path_factory.mktemp("spray")
     ds = load_datasets("digits", n_test=120, only_test=True)
