@@ -102,9 +102,3 @@ def test_resume_warning_points_at_the_caller(tmp_path):
     dl = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
     t2 = Trainer(small(), dl, train_epochs=2, progress=False, device="cpu")
     assert_here(caught(lambda: t2.run(resume_from=path), "random generators"))
-
-
-def test_missing_tqdm_warning_points_at_the_caller(monkeypatch):
-    for m in ("tqdm", "tqdm.auto", "tqdm.std"): monkeypatch.setitem(sys.modules, m, None)  # as if tqdm were not installed
-    t = Trainer(small(), batches(), train_epochs=1, progress=True, device="cpu")
-    assert_here(caught(t.run, "progress bars need tqdm"))
