@@ -1,5 +1,5 @@
 "Warnings name the user's line (the file and line of the call), not a line inside the package; mixed precision warns once."
-import sys, warnings
+import warnings
 
 import pytest
 import torch
