@@ -4,16 +4,18 @@
 
 # %% ../nbs/00_core.ipynb #8735939a
 from __future__ import annotations
-import contextlib, importlib.util, os, random, sys, uuid, warnings
+import contextlib, importlib, importlib.util, json, os, random, sys, uuid, warnings
 from pathlib import Path
 from typing import Callable
 import numpy as np
 import torch
+from tqdm.auto import tqdm as tqdm_auto
+from tqdm.std import tqdm as tqdm_text
 
 # %% auto #0
 __all__ = ['CPU_BF16_ENV', 'AMP_DTYPES', 'ATOL64', 'RTOL64', 'ATOL32', 'RTOL32', 'ATOL16', 'RTOL16', 'ATOLBF16', 'RTOLBF16',
            'TOLERANCES', 'user_stacklevel', 'get_device', 'cpu_native_bf16', 'autocast_dtype', 'platform_info',
-           'seed_everything', 'tolerance', 'atomic_write']
+           'seed_everything', 'tolerance', 'atomic_write', 'atomic_write_text', 'jsonable', 'progress_bar', 'require']
 
 # %% ../nbs/00_core.ipynb #bb2725aa
 _PACKAGE_DIR = None
@@ -157,3 +159,34 @@ def atomic_write(path: str|Path, # the file to (over)write; parent folders are c
     finally:
         if tmp.exists(): tmp.unlink()
     return path
+
+# %% ../nbs/00_core.ipynb #c0a71004
+def atomic_write_text(path: str|Path, # the file to (over)write
+                      text: str, # its content, written as UTF-8
+                     ) -> Path:
+    "`atomic_write` of a text."
+    return atomic_write(path, lambda f: f.write(text.encode('utf-8')))
+
+# %% ../nbs/00_core.ipynb #c0a71007
+def jsonable(v):
+    "`v` as plain JSON values (dicts, lists, strings, numbers, None): arrays and tensors as lists, NumPy scalars as numbers, other objects by `str`."
+    return json.loads(json.dumps(v, default=lambda o: o.tolist() if hasattr(o, 'tolist') else str(o)))
+
+def progress_bar(total: int|None, # the number of steps (None: unknown)
+                 desc: str = '', # its label
+                 kind: bool|str = True, # True: a widget in notebooks, text elsewhere; 'text': always text; False: no bar
+                 unit: str = 'it', # what one step is ('img', 'batch', ...)
+                ):
+    "A tqdm bar, or None when `kind` is False."
+    if not kind: return None
+    return (tqdm_text if kind == 'text' else tqdm_auto)(total=total, desc=desc, unit=unit, leave=True, dynamic_ncols=True)
+
+def require(module: str, # the module to import
+            what: str, # what needs it, for the message
+            extra: str = 'analysis', # the optional extra of lrp_scratch that installs it
+            pip_name: str|None = None): # its name on PyPI (default: `module`)
+    "Import an optional dependency, or an ImportError that says which extra to install."
+    try: return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"{what} needs {pip_name or module}, which is not installed: pip install 'lrp_scratch[{extra}]' "
+                          f"(or pip install {pip_name or module})") from None

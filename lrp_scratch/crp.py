@@ -4,7 +4,7 @@
 
 # %% ../nbs/17_crp.ipynb #bff2676c
 from __future__ import annotations
-import json, time, warnings, zipfile
+import json, warnings, zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -12,13 +12,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 from . import __version__
+from fastcore.basics import patch
+from .core import jsonable
+from .distributed import init_distributed
+from .jobs import StoreError, chunk_ranges, digest, read_job_manifest, run_chunked_job
 from .lrp import LRPModel, Composite, get_composite, _seed
+from .relevance_store import check_target, dataset_fingerprint, load_batch, model_fingerprint
 
 # %% auto #0
-__all__ = ['CONCEPTS_FORMAT', 'CONCEPTS_VERSION', 'STATS', 'channel_mask', 'conditional_relevance', 'concept_relevance',
-           'top_concepts', 'local_concept_relevance', 'ConceptNode', 'AttributionGraph', 'attribution_graph',
-           'layer_statistics', 'relevance_maximization', 'ConceptIndex', 'top', 'References', 'neuron_heatmaps',
-           'references', 'concept_atlas']
+__all__ = ['CONCEPTS_FORMAT', 'CONCEPTS_VERSION', 'CONCEPTS_MANIFEST', 'STATS', 'channel_mask', 'conditional_relevance',
+           'concept_relevance', 'top_concepts', 'local_concept_relevance', 'ConceptNode', 'AttributionGraph',
+           'attribution_graph', 'layer_statistics', 'relevance_maximization', 'ConceptIndex', 'top', 'References',
+           'neuron_heatmaps', 'references', 'concept_atlas']
 
 # %% ../nbs/17_crp.ipynb #96a2f09b
 def channel_mask(channels, n: int, device=None) -> torch.Tensor:
@@ -134,6 +139,21 @@ def conditional_relevance(lrp: LRPModel, # the explainer (its top_k must be 0)
                     res[k] = _grad(out, xg, seed, False)
                 masks.clear()
     return torch.stack(res), out.detach()
+
+# %% ../nbs/17_crp.ipynb #3c5e8a01
+@patch
+def explain_conditional(self: LRPModel,
+                        x: torch.Tensor, # input batch (N, C, H, W)
+                        target, # as in `LRPModel.explain`
+                        conditions, # {layer: channels} or a list of K of them
+                        exclusive: bool = True, # drop relevance that bypasses a conditioned layer
+                        composite: Composite|str|None = None, # rules for this call (default: the model's)
+                        top_k: float|None = None, # must be 0 (or None: the model's, then 0) for conditions
+                        chunk: int = 64, # conditions per batched backward pass
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    "`conditional_relevance` of this explainer: (K, N, ...) relevance of each condition and the model output."
+    lm = self if top_k is None else LRPModel(self.model, top_k, self.composite, self.renormalize, self.cache_params)
+    return conditional_relevance(lm, x, target, conditions, exclusive, chunk, composite)
 
 # %% ../nbs/17_crp.ipynb #3e8f7e88
 def _reduce(r: torch.Tensor, reduce: str) -> torch.Tensor:
@@ -261,6 +281,7 @@ def attribution_graph(lrp: LRPModel, x: torch.Tensor, # one input (1, C, H, W)
 
 # %% ../nbs/17_crp.ipynb #fe75a5dc
 CONCEPTS_FORMAT, CONCEPTS_VERSION = 'lrp_scratch.concepts', 1
+CONCEPTS_MANIFEST = 'concepts.json'
 STATS = ('rel_sum', 'rel_max', 'rel_argmax', 'act_sum', 'act_max')  # per item, layer and channel
 
 def layer_statistics(lrp: LRPModel, x: torch.Tensor, target, layers, composite=None) -> tuple[dict, torch.Tensor]:
@@ -290,14 +311,10 @@ def relevance_maximization(model: nn.Module, # the classifier (not modified)
                            batch_size: int = 64, chunk_size: int = 1024, indices=None, device=None,
                            progress: bool|str = True):
     "Per item and channel of `layers`: relevance and activation statistics in chunk files, resumable and sharded under torchrun; returns their `ConceptIndex`."
-    from lrp_scratch.relevance_store import (StoreError, chunk_ranges, load_batch, model_fingerprint, dataset_fingerprint, _sha256,
-                                  _jsonable, manifest_diff, _bar, _check_target)
-    from lrp_scratch.distributed import init_distributed, shard_range, barrier
-    from lrp_scratch.core import atomic_write
     layers = [layers] if isinstance(layers, str) else list(layers)
     if not layers: raise ValueError("layers is empty: give the names of the layers whose channels are concepts")
     comp = get_composite(composite if composite is not None else 'EpsilonPlusFlat')
-    target = _check_target(target)
+    target = check_target(target)
     n_data = len(dataset)
     idx = np.arange(n_data, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
     if len(idx) == 0: raise ValueError("nothing to do: the dataset (or `indices`) is empty")
@@ -309,89 +326,67 @@ def relevance_maximization(model: nn.Module, # the classifier (not modified)
     x0, y0 = load_batch(dataset, idx[:1])
     st0, out0 = layer_statistics(lrp, x0.to(device, p.dtype if p is not None else x0.dtype), 0, layers)
     channels = {l: int(st0[l]['rel_sum'].shape[1]) for l in layers}
-    manifest = _jsonable(dict(
+    manifest = jsonable(dict(
         format=CONCEPTS_FORMAT, format_version=CONCEPTS_VERSION, lrp_scratch=__version__, torch=torch.__version__,
         model=dict(type=type(model).__name__, sha256=model_fingerprint(model)), composite=comp.name,
         composite_rules=comp.table(model).splitlines(), target=target, layers=channels, stats=list(STATS),
         dataset=dict(type=type(dataset).__name__, length=n_data, fingerprint=dataset_fingerprint(dataset),
-                     indices_sha256=_sha256(np.ascontiguousarray(idx, dtype='<i8').tobytes())),
+                     indices_sha256=digest(np.ascontiguousarray(idx, dtype='<i8').tobytes())),
         count=len(idx), chunk_size=int(chunk_size), batch_size=int(batch_size), n_classes=int(out0.shape[1])))
-    mpath = out_dir/'concepts.json'
-    if mpath.exists():
-        diff = manifest_diff(json.loads(mpath.read_text()), manifest)
-        if diff: raise StoreError(f"{out_dir} holds concept statistics computed with other arguments: " + '; '.join(diff) +
-                                  ". Call relevance_maximization with its arguments to resume, or give another out_dir")
-    else: atomic_write(mpath, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-    chunks = chunk_ranges(len(idx), int(chunk_size))
-    mine = [chunks[i] for i in shard_range(len(chunks), env.rank, env.world_size)]
-    todo = [r for r in mine if not _concept_chunk_ok(out_dir, r, channels)]
-    bar = _bar(sum(map(len, todo)), f"concepts {out_dir.name}", progress if env.rank == 0 else False)
-    try:
-        for r in todo:
-            acc = {f'{l}/{s}': [] for l in layers for s in STATS}
-            items = np.zeros(len(r), dtype=[('index', '<i8'), ('label', '<i8'), ('target', '<i8'), ('prediction', '<i8')])
-            for s in range(r.start, r.stop, batch_size):
-                e = min(s + batch_size, r.stop)
-                x, y = load_batch(dataset, idx[s:e])
-                x = x.to(device, p.dtype if p is not None else x.dtype)
-                if target == 'label' and (y < 0).any(): raise ValueError(f"target='label' but items {idx[s:e][(y < 0).numpy()][:5].tolist()} have no label")
-                tgt = y.to(device) if target == 'label' else target
-                st, out = layer_statistics(lrp, x.to(device), tgt, layers)
-                for l in layers:
-                    for k, v in st[l].items(): acc[f'{l}/{k}'].append(v.cpu().numpy().astype('<i4' if k == 'rel_argmax' else '<f4'))
-                t = out.argmax(1) if target == 'pred' else (y if target == 'label' else torch.full((e - s,), target))
-                sl = slice(s - r.start, e - r.start)
-                items['index'][sl], items['label'][sl], items['target'][sl] = idx[s:e], y.numpy(), t.cpu().numpy()
-                items['prediction'][sl] = out.argmax(1).cpu().numpy()
-                if bar is not None: bar.update(e - s)
-            stats_p, items_p = _concept_files(out_dir, r)
-            arrays = {k: np.concatenate(v) for k, v in acc.items()}
-            atomic_write(stats_p, lambda f: _save_npz(f, arrays))
-            atomic_write(items_p, lambda f: np.save(f, items))  # last: the chunk is complete when its items file exists
-    finally:
-        if bar is not None: bar.close()
-    if env.world_size > 1:
-        from lrp_scratch.relevance_store import _wait_for_chunks
-        while not all(_concept_files(out_dir, r)[1].exists() for r in chunks): time.sleep(0.5)
-        barrier()
+
+    def compute(r: range, update) -> list:
+        acc = {f'{l}/{s}': [] for l in layers for s in STATS}
+        items = np.zeros(len(r), dtype=[('index', '<i8'), ('label', '<i8'), ('target', '<i8'), ('prediction', '<i8')])
+        for s in range(r.start, r.stop, batch_size):
+            e = min(s + batch_size, r.stop)
+            x, y = load_batch(dataset, idx[s:e])
+            x = x.to(device, p.dtype if p is not None else x.dtype)
+            if target == 'label' and (y < 0).any(): raise ValueError(f"target='label' but items {idx[s:e][(y < 0).numpy()][:5].tolist()} have no label")
+            tgt = y.to(device) if target == 'label' else target
+            st, out = layer_statistics(lrp, x.to(device), tgt, layers)
+            for l in layers:
+                for k, v in st[l].items(): acc[f'{l}/{k}'].append(v.cpu().numpy().astype('<i4' if k == 'rel_argmax' else '<f4'))
+            t = out.argmax(1) if target == 'pred' else (y if target == 'label' else torch.full((e - s,), target))
+            sl = slice(s - r.start, e - r.start)
+            items['index'][sl], items['label'][sl], items['target'][sl] = idx[s:e], y.numpy(), t.cpu().numpy()
+            items['prediction'][sl] = out.argmax(1).cpu().numpy()
+            update(e - s)
+        arrays = {k: np.concatenate(v) for k, v in acc.items()}
+        return [lambda f: _save_npz(f, arrays), lambda f: np.save(f, items)]  # the items file last: it marks the chunk complete
+
+    run_chunked_job(out_dir, CONCEPTS_MANIFEST, manifest, chunk_ranges(len(idx), int(chunk_size)), lambda r: _concept_files(out_dir, r),
+                    lambda r: _load_concept_chunk(out_dir, r, channels), compute, env, 'relevance_maximization', 'concept index',
+                    ignore=(), progress=progress, desc=f"concepts {out_dir.name}")
     return ConceptIndex(out_dir)
 
-def _concept_chunk_ok(out_dir: Path, r: range, channels: dict) -> bool:
-    stats_p, items_p = _concept_files(out_dir, r)
-    if not (stats_p.exists() and items_p.exists()): return False
-    try: _load_concept_chunk(out_dir, r, channels); return True
-    except Exception as e:
-        warnings.warn(f"{e}: computing that chunk again", RuntimeWarning, stacklevel=3)
-        return False
+def _load_npz(p: Path) -> dict:
+    with np.load(p) as z: return {k: z[k] for k in z.files}
 
 def _load_concept_chunk(out_dir: Path, r: range, channels: dict) -> tuple[dict, np.ndarray]:
+    "(statistics, items) of a chunk, checked; `StoreError` naming the file otherwise."
     stats_p, items_p = _concept_files(out_dir, r)
-    try:
-        items = np.load(items_p)
-        with np.load(stats_p) as z: arrays = {k: z[k] for k in z.files}
-    except FileNotFoundError as e: raise FileNotFoundError(f"{e.filename} is missing: run relevance_maximization again with the same arguments") from None
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{stats_p.name} or {items_p.name} in {stats_p.parent} is truncated or corrupt ({type(e).__name__}); "
-                         "delete it and run relevance_maximization again") from None
+    def load(path, read):
+        try: return read(path)
+        except FileNotFoundError: raise StoreError(f"{path} is missing (items {r.start}..{r.stop - 1}): run relevance_maximization again with the same arguments to compute it") from None
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise StoreError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); delete it and run relevance_maximization again with the same arguments to recompute it") from None
+    items, arrays = load(items_p, np.load), load(stats_p, _load_npz)
     for l, c in channels.items():
         for s in STATS:
             a = arrays.get(f'{l}/{s}')
-            if a is None or a.shape != (len(r), c): raise ValueError(f"{stats_p} lacks {l}/{s} of shape {(len(r), c)}: it does not belong to these statistics")
-    if items.shape != (len(r),): raise ValueError(f"{items_p} holds {items.shape[0]} items, expected {len(r)}")
+            if a is None or a.shape != (len(r), c): raise StoreError(f"{stats_p} lacks {l}/{s} of shape {(len(r), c)}: it does not belong to these statistics")
+    if items.shape != (len(r),): raise StoreError(f"{items_p} holds {items.shape[0]} items, expected {len(r)}: it does not belong to these statistics")
     return arrays, items
 
 # %% ../nbs/17_crp.ipynb #6c13cfbc
 class ConceptIndex:
     "The concept statistics of `relevance_maximization`: per channel, the dataset items that show a concept best."
     def __init__(self, out_dir):
-        from lrp_scratch.relevance_store import chunk_ranges
         self.out_dir = Path(out_dir)
-        p = self.out_dir/'concepts.json'
-        if not p.exists(): raise FileNotFoundError(f"{p} does not exist: compute concept statistics with relevance_maximization")
-        self.manifest = m = json.loads(p.read_text())
-        if m.get('format') != CONCEPTS_FORMAT: raise ValueError(f"{p} is not a concept index's manifest")
+        p = self.out_dir/CONCEPTS_MANIFEST
+        self.manifest = m = read_job_manifest(p, CONCEPTS_FORMAT, 'concept index', 'relevance_maximization')
         if m.get('format_version') != CONCEPTS_VERSION:
-            raise ValueError(f"{p} was written by another lrp_scratch version ({m.get('lrp_scratch')}, format {m.get('format_version')}); recompute it")
+            raise StoreError(f"{p} was written by another lrp_scratch version ({m.get('lrp_scratch')}, format {m.get('format_version')}); recompute it")
         self.channels = m['layers']
         parts = [_load_concept_chunk(self.out_dir, r, self.channels) for r in chunk_ranges(m['count'], m['chunk_size'])]
         self.stats = {k: np.concatenate([a[k] for a, _ in parts]) for k in parts[0][0]}
@@ -454,7 +449,6 @@ def references(self: ConceptIndex, lrp: LRPModel, # the explainer of the model t
                threshold: float = 0.1, # boxes: pixels with |heatmap| >= threshold * max
               ) -> References:
     "The k items of `dataset` that show concept (layer, channel) best, with where in each the concept is."
-    from lrp_scratch.relevance_store import load_batch
     if crop not in ('heatmap', 'receptive_field', None): raise ValueError(f"crop must be 'heatmap', 'receptive_field' or None, got {crop!r}")
     idx, _ = self.top(layer, channel, k, by=by, label=label)
     x, _ = load_batch(dataset, idx)

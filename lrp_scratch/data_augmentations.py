@@ -8,12 +8,12 @@ import math, numbers
 from functools import lru_cache
 import torch
 import torch.nn.functional as F
-from .data_transformations import _pad_index
+from .data_transformations import pad_index
 
 # %% auto #0
-__all__ = ['BatchAugment', 'affine_grid', 'warp', 'affine', 'RandomAffine', 'gaussian_kernel1d', 'gaussian_blur',
-           'elastic_offsets', 'identity_grid', 'ElasticDistortion', 'GaussianNoise', 'RandomErasing', 'Augmentations',
-           'default_augmentations']
+__all__ = ['uniform_samples', 'BatchAugment', 'affine_grid', 'warp', 'affine', 'RandomAffine', 'gaussian_kernel1d',
+           'gaussian_blur', 'elastic_offsets', 'identity_grid', 'ElasticDistortion', 'GaussianNoise', 'RandomErasing',
+           'Augmentations', 'default_augmentations']
 
 # %% ../nbs/03a_data_augmentations.ipynb #c008
 def _generator(generator: torch.Generator|None, seed: int|None, device) -> torch.Generator|None:
@@ -26,7 +26,7 @@ def _generator(generator: torch.Generator|None, seed: int|None, device) -> torch
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     return generator
 
-def _uniform(shape, lo, hi, g: torch.Generator|None, device) -> torch.Tensor:
+def uniform_samples(shape, lo, hi, g: torch.Generator|None, device) -> torch.Tensor:
     "Uniform samples in [lo, hi), drawn in float32 on the generator's device, returned on `device`."
     dev = g.device if g is not None else device
     return (torch.rand(shape, generator=g, device=dev) * (hi - lo) + lo).to(device)
@@ -69,7 +69,7 @@ class BatchAugment:
         if len(x) == 0 or self.p == 0: return x[0] if single else x
         out = self.apply(x, g)
         if self.p < 1:
-            keep = _uniform((len(x), 1, 1, 1), 0, 1, g, x.device) >= self.p
+            keep = uniform_samples((len(x), 1, 1, 1), 0, 1, g, x.device) >= self.p
             out = torch.where(keep, x, out)
         return out[0] if single else out
 
@@ -146,10 +146,10 @@ class RandomAffine(BatchAugment):
 
     def params(self, n: int, h: int, w: int, g, device) -> dict:
         "Draw the per-image parameters (in `affine_grid`'s units)."
-        frac = torch.stack([_uniform((n,), *self._tr, g, device), _uniform((n,), *self._tr, g, device)], 1)
-        return dict(angle=_uniform((n,), *self._deg, g, device), scale=_uniform((n,), *self._scale, g, device),
+        frac = torch.stack([uniform_samples((n,), *self._tr, g, device), uniform_samples((n,), *self._tr, g, device)], 1)
+        return dict(angle=uniform_samples((n,), *self._deg, g, device), scale=uniform_samples((n,), *self._scale, g, device),
                     translate=frac * torch.tensor([w, h], device=device),
-                    shear=torch.stack([_uniform((n,), *self._shear, g, device), torch.zeros(n, device=device)], 1))
+                    shear=torch.stack([uniform_samples((n,), *self._shear, g, device), torch.zeros(n, device=device)], 1))
 
     def apply(self, x, g):
         n, _, h, w = x.shape
@@ -168,7 +168,7 @@ def _blur_matrix(n: int, sigma: float, dtype: torch.dtype, device: torch.device)
     "The `(n, n)` matrix of a 1-D gaussian blur with reflect padding (the padding folded into the weights)."
     radius = max(1, math.ceil(3 * sigma))
     k = gaussian_kernel1d(sigma, radius).double()
-    src = _pad_index(n, radius, radius, 'reflect', None).unfold(0, 2 * radius + 1, 1)  # (n, 2r+1): input read by each tap
+    src = pad_index(n, radius, radius, 'reflect', None).unfold(0, 2 * radius + 1, 1)  # (n, 2r+1): input read by each tap
     m = torch.zeros(n, n, dtype=torch.float64)
     m.scatter_add_(1, src, k.expand(n, -1).contiguous())
     return m.to(dtype=dtype, device=device)
@@ -187,7 +187,7 @@ def elastic_offsets(n: int, h: int, w: int, # batch and image size
                    ) -> torch.Tensor:
     "Random smooth displacement fields `(n, h, w, 2)` in normalised grid units (add them to a sampling grid)."
     if sigma <= 0: raise ValueError(f"elastic_offsets: sigma must be > 0, got {sigma}")
-    field = gaussian_blur(_uniform((n, 2, h, w), -1, 1, generator, device), sigma)
+    field = gaussian_blur(uniform_samples((n, 2, h, w), -1, 1, generator, device), sigma)
     alpha = _as_batch(alpha, n, device).float().view(n, 1, 1, 1)
     field = field * alpha * torch.tensor([2 / w, 2 / h], device=device).view(1, 2, 1, 1)  # pixels -> normalised units
     return field.permute(0, 2, 3, 1)
@@ -212,7 +212,7 @@ class ElasticDistortion(BatchAugment):
 
     def apply(self, x, g):
         n, _, h, w = x.shape
-        alpha = _uniform((n,), *self._alpha, g, x.device)
+        alpha = uniform_samples((n,), *self._alpha, g, x.device)
         return warp(x, identity_grid(n, h, w, x.device, x.dtype) + elastic_offsets(n, h, w, alpha, self.sigma, g, x.device).to(x.dtype))
 
 # %% ../nbs/03a_data_augmentations.ipynb #c020
@@ -230,7 +230,7 @@ class GaussianNoise(BatchAugment):
         self.std, self.clip = std, clip
 
     def apply(self, x, g):
-        std = _uniform((len(x), 1, 1, 1), *self._std, g, x.device).to(x.dtype)
+        std = uniform_samples((len(x), 1, 1, 1), *self._std, g, x.device).to(x.dtype)
         out = x + std * _normal(x.shape, g, x.device).to(x.dtype)
         return out.clamp(*self.clip) if self.clip is not None else out
 
@@ -250,12 +250,12 @@ class RandomErasing(BatchAugment):
 
     def apply(self, x, g):
         n, c, h, w = x.shape
-        area = _uniform((n,), *self._scale, g, x.device) * h * w
-        ratio = torch.exp(_uniform((n,), math.log(self._ratio[0]), math.log(self._ratio[1]), g, x.device))
+        area = uniform_samples((n,), *self._scale, g, x.device) * h * w
+        ratio = torch.exp(uniform_samples((n,), math.log(self._ratio[0]), math.log(self._ratio[1]), g, x.device))
         eh = torch.sqrt(area * ratio).round().clamp(0, h)
         ew = torch.sqrt(area / ratio).round().clamp(0, w)
-        top = (_uniform((n,), 0, 1, g, x.device) * (h - eh + 1)).floor()
-        left = (_uniform((n,), 0, 1, g, x.device) * (w - ew + 1)).floor()
+        top = (uniform_samples((n,), 0, 1, g, x.device) * (h - eh + 1)).floor()
+        left = (uniform_samples((n,), 0, 1, g, x.device) * (w - ew + 1)).floor()
         rows = torch.arange(h, device=x.device).view(1, h, 1)
         cols = torch.arange(w, device=x.device).view(1, 1, w)
         mask = ((rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1)) &

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03b_data_loaders.ipynb #c002
 from __future__ import annotations
-import gzip, hashlib, inspect, math, numbers, os, warnings, zlib
+import copy, gzip, hashlib, inspect, math, numbers, os, warnings, zlib
 from pathlib import Path
 from typing import Callable, Sequence
 from urllib.error import URLError
@@ -19,7 +19,7 @@ from .core import user_stacklevel
 # %% auto #0
 __all__ = ['MNIST_FILES', 'DATASETS', 'mnist_dataloader', 'InMemoryDataset', 'DatasetFileError', 'read_idx', 'write_idx',
            'mnist_raw_folder', 'md5sum', 'load_mnist', 'mnist_mirrors', 'download_mnist', 'get_dataset', 'TensorLoader',
-           'loader', 'FunctionNamespace']
+           'AugmentedLoader', 'loader', 'FunctionNamespace']
 
 # %% ../nbs/03b_data_loaders.ipynb #c007
 class InMemoryDataset(Dataset):
@@ -267,6 +267,17 @@ class TensorLoader:
         self._aug_gen = (torch.Generator(device=self.device or 'cpu').manual_seed(seed + 1 + 1_000_003 * self.rank)  # ranks augment differently
                          if augment is not None else None)
 
+    def sharded(self, rank: int, # this process's rank
+                world_size: int, # the processes of the job
+                shard: str = 'pad', # 'pad': strided shares padded to equal length (training); 'contiguous': unpadded (evaluation)
+               ) -> TensorLoader:
+        "A copy that serves rank `rank`'s share (`distributed_loader` makes it): the order's generator fresh from the seed, augmentation draws per rank."
+        out = copy.copy(self)
+        out.rank, out.world_size, out.shard = rank, world_size, shard
+        out._order_gen = torch.Generator().manual_seed(self.seed)
+        if self.augment is not None: out._aug_gen = torch.Generator(device=self.device or 'cpu').manual_seed(self.seed + 1 + 1_000_003 * rank)
+        return out
+
     def set_epoch(self, epoch: int): # 0, 1, ... (the Trainer calls it before each epoch)
         "From now on the order of an epoch is a function of `(seed, epoch)` alone, the same on every rank (as `DistributedSampler.set_epoch`)."
         if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0: raise ValueError(f"set_epoch: epoch must be an int >= 0, got {epoch!r}")
@@ -314,7 +325,7 @@ class TensorLoader:
         if self.device is not None: parts.append(f"device={self.device}")
         return f"TensorLoader({', '.join(parts)})"
 
-class _AugmentedLoader:
+class AugmentedLoader:
     "A torch DataLoader whose collated batches are augmented."
     def __init__(self, dl: DataLoader, augment: Callable, seed: int):
         self.dl, self.augment, self.dataset, self.batch_size = dl, augment, dl.dataset, dl.batch_size
@@ -322,6 +333,13 @@ class _AugmentedLoader:
     def __len__(self): return len(self.dl)
     def __iter__(self):
         for x, y in self.dl: yield self.augment(x, generator=self._gen), y
+    def sharded(self, dl, # the wrapped loader's share for this rank
+                rank: int, # this process's rank
+               ) -> AugmentedLoader:
+        "A copy around `dl` whose augmentation draws differ per rank (`distributed_loader` makes it)."
+        out = copy.copy(self)
+        out.dl, out._gen = dl, torch.Generator().manual_seed(self._gen.initial_seed() + 1_000_003 * rank)
+        return out
     def __repr__(self): return f"AugmentedLoader({len(self.dataset)} items, batch_size={self.batch_size}, augment={self.augment!r})"
 
 # %% ../nbs/03b_data_loaders.ipynb #c034
@@ -345,7 +363,7 @@ def _one_loader(ds, indices, batch_size, shuffle, seed, drop_last, augment, devi
     dl = DataLoader(ds if indices is None else Subset(ds, indices.tolist()), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                     generator=torch.Generator().manual_seed(seed) if shuffle else None, num_workers=workers,
                     pin_memory=pin_memory, persistent_workers=workers > 0)
-    return _AugmentedLoader(dl, augment, seed) if augment is not None else dl
+    return AugmentedLoader(dl, augment, seed) if augment is not None else dl
 
 def loader(train_dataset, # training items; a `valid_ratio` share of them becomes the validation set
            test_dataset=None, # test items (None: no test loader)

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 # %% auto #0
-__all__ = ['MNIST_MEAN', 'MNIST_STD', 'TensorTransform', 'ToTensor', 'Resize', 'Normalize', 'TileChannels', 'Pad', 'CenterCrop',
-           'Compose', 'default_mnist_ops', 'mnist_transform']
+__all__ = ['MNIST_MEAN', 'MNIST_STD', 'TensorTransform', 'ToTensor', 'Resize', 'Normalize', 'TileChannels', 'pad_index', 'Pad',
+           'CenterCrop', 'Compose', 'default_mnist_ops', 'mnist_transform']
 
 # %% ../nbs/03_data_transformations.ipynb #c007
 class TensorTransform:
@@ -161,7 +161,7 @@ class TileChannels(TensorTransform):
         return x.repeat(reps)
 
 # %% ../nbs/03_data_transformations.ipynb #c034
-def _pad_index(n: int, before: int, after: int, mode: str, device) -> torch.Tensor:
+def pad_index(n: int, before: int, after: int, mode: str, device) -> torch.Tensor:
     "Source index of every padded position along one axis."
     i = torch.arange(-before, n + after, device=device)
     if mode == 'edge': return i.clamp(0, n - 1)
@@ -202,8 +202,8 @@ class Pad(TensorTransform):
             return out
         if self.padding_mode == 'reflect' and max(t, b) >= h or self.padding_mode == 'reflect' and max(l, r) >= w:
             raise ValueError(f"Pad: reflect padding must be smaller than the image ({h}x{w}), got (left, top, right, bottom)={self.ltrb}")
-        rows = _pad_index(h, t, b, self.padding_mode, x.device)
-        cols = _pad_index(w, l, r, self.padding_mode, x.device)
+        rows = pad_index(h, t, b, self.padding_mode, x.device)
+        cols = pad_index(w, l, r, self.padding_mode, x.device)
         return x[..., rows[:, None], cols]
 
 class CenterCrop(TensorTransform):

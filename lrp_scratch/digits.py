@@ -13,7 +13,7 @@ import matplotlib
 from matplotlib.font_manager import FontProperties
 from matplotlib.path import Path as MplPath
 from matplotlib.textpath import TextPath
-from .data_augmentations import affine_grid, elastic_offsets, gaussian_blur, warp, _uniform
+from .data_augmentations import affine_grid, elastic_offsets, gaussian_blur, warp, uniform_samples
 
 # %% auto #0
 __all__ = ['DIGIT_FONTS', 'digit_fonts', 'render_glyph', 'glyph_templates', 'make_digits']
@@ -92,7 +92,7 @@ def make_digits(n: int, # number of images
     for s in range(0, n, _CHUNK):
         lab = labels[s:s + _CHUNK]
         m = len(lab)
-        def u(lo, hi): return _uniform((m,), lo, hi, g, 'cpu')
+        def u(lo, hi): return uniform_samples((m,), lo, hi, g, 'cpu')
         font = torch.randint(0, n_fonts, (m,), generator=g)
         stroke = torch.sigmoid((blurred[font, lab] - u(0.3, 0.62).view(m, 1, 1)) / 0.06)
         x = F.avg_pool2d(stroke[:, None], 2)                                         # (m, 1, 28, 28)

@@ -17,7 +17,7 @@ __all__ = ['DistributedSetupError', 'DistEnv', 'dist_env', 'local_device', 'is_i
            'distributed_loader', 'is_sharded', 'set_loader_epoch']
 
 # %% ../nbs/09a_distributed.ipynb #17181e22
-from .data_loaders import TensorLoader, _AugmentedLoader
+from .data_loaders import TensorLoader, AugmentedLoader
 
 # %% ../nbs/09a_distributed.ipynb #ea2d0adc
 class DistributedSetupError(RuntimeError):
@@ -232,16 +232,8 @@ def distributed_loader(dl, # a loader built for one process: ours, torch's DataL
     if w == 1 or dl is None: return dl
     if isinstance(dl, TensorLoader):
         if dl.world_size > 1: return dl
-        out = copy.copy(dl)
-        out.rank, out.world_size, out.shard = r, w, 'pad' if train else 'contiguous'
-        out._order_gen = torch.Generator().manual_seed(dl.seed)
-        if dl.augment is not None: out._aug_gen = torch.Generator(device=dl.device or 'cpu').manual_seed(dl.seed + 1 + 1_000_003 * r)
-        return out
-    if isinstance(dl, _AugmentedLoader):
-        out = copy.copy(dl)
-        out.dl = distributed_loader(dl.dl, train, r, w)
-        out._gen = torch.Generator().manual_seed(dl._gen.initial_seed() + 1_000_003 * r)
-        return out
+        return dl.sharded(r, w, 'pad' if train else 'contiguous')
+    if isinstance(dl, AugmentedLoader): return dl.sharded(distributed_loader(dl.dl, train, r, w), r)
     if isinstance(dl, DataLoader):
         if isinstance(dl.sampler, DistributedSampler): return dl
         plain = (type(dl.batch_sampler) is BatchSampler and type(dl.sampler) in (RandomSampler, SequentialSampler)

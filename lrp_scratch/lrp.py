@@ -393,9 +393,11 @@ def explain(self: LRPModel,
     "Relevance of `x` (same shape and device) and the model output; plus per-layer relevance when asked."
     if conditions is not None:
         if return_layers: raise ValueError("return_layers is not available with conditions")
-        from lrp_scratch.crp import conditional_relevance
-        lm = self if top_k is None else LRPModel(self.model, top_k, self.composite, self.renormalize, self.cache_params)
-        return conditional_relevance(lm, x, target, conditions, exclusive, composite=composite)
+        if not hasattr(self, 'explain_conditional'):  # added by `lrp_scratch.crp`, which imports this module (not the reverse)
+            raise RuntimeError("conditions need concept relevance, which lives in lrp_scratch.crp: `import lrp_scratch.crp` (it adds "
+                               "LRPModel.explain_conditional, which explain(conditions=...) calls), or call "
+                               "lrp_scratch.crp.conditional_relevance(lrp, x, target, conditions) directly")
+        return self.explain_conditional(x, target, conditions, exclusive, composite=composite, top_k=top_k)
     self._check_input(x)
     self._check_shape(x)
     record = {} if return_layers else None

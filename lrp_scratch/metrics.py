@@ -314,6 +314,18 @@ class ConfusionMatrix(_Accumulator):
         self.n += targets.shape[0]
         return self
 
+    def state(self) -> tuple:
+        "(confusion matrix, samples with a label outside [0, n_classes), samples seen): the counts `load_state` restores (e.g. summed over ranks)."
+        return self.cm, self._n_bad, self.n
+
+    def load_state(self, cm: Tensor, # (n_classes, n_classes) int64 counts
+                   n_bad: Tensor, # samples whose target or predicted label was out of range
+                   n: int, # samples seen
+                  ):
+        "Replace the counts with these (as `state` gives them); returns self."
+        self.cm, self._n_bad, self.n = cm, n_bad, int(n)
+        return self
+
     def _checked_cm(self) -> Tensor:
         self._check_nonempty()
         if self._n_bad.item():

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_models.ipynb #48b44ec2
 from __future__ import annotations
-import copy, math
+import copy, importlib, math
 from collections import OrderedDict
 from collections.abc import Sequence
 import torch
@@ -1020,4 +1020,7 @@ def vit_to_torchvision(model: ViT, # one of our ViTs
 
 
 # %% ../nbs/04_models.ipynb #a1b2c3d5
-from .lrp import LRPModel  # re-exported for the original project's import
+def __getattr__(name: str):
+    "`LRPModel`, for the original project's `from lrp_scratch.models import LRPModel`: the LRP engine loads when it is asked for, not with the models."
+    if name == 'LRPModel': return importlib.import_module('lrp_scratch.lrp').LRPModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

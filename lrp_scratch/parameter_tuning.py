@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np
 from torch import nn
-from .core import seed_everything, user_stacklevel
+from .core import atomic_write_text, progress_bar, seed_everything, user_stacklevel
 from .loggers import get_logger
-from .trainers import Trainer, atomic_save, load_checkpoint, loader_generators, _atomic_write_text, _progress_bar
+from .trainers import Trainer, atomic_save, load_checkpoint, loader_generators
 from .distributed import is_main, rank_zero_logging
 
 # %% auto #0
@@ -166,7 +166,7 @@ class _Search:
             except json.JSONDecodeError:
                 if i == len(lines) - 1:
                     warnings.warn(f"{self.results_path}: the last line is cut off (interrupted while writing); that trial runs again", stacklevel=user_stacklevel())
-                    _atomic_write_text(self.results_path, ''.join(l + '\n' for l in lines[:-1]))  # drop it before appending
+                    atomic_write_text(self.results_path, ''.join(l + '\n' for l in lines[:-1]))  # drop it before appending
                     continue
                 raise ValueError(f"{self.results_path}, line {i + 1}: not valid JSON; this is not a results file of a search (or it is damaged)")
             rec['score'] = math.nan if rec.get('score') is None else rec['score']
@@ -223,7 +223,7 @@ class _Search:
         todo = [(i, p) for i, p in enumerate(self.trials) if trial_key(p) not in done]
         if self.results_: self.log.info(f"resuming: {len(self.results_)} of {len(self.trials)} trials are already in {self.results_path}")
         rank_zero_logging(self.log)
-        bar = _progress_bar(len(self.trials), type(self).__name__, self.progress, unit='trial') if self.progress and is_main() else None
+        bar = progress_bar(len(self.trials), type(self).__name__, self.progress, unit='trial') if self.progress and is_main() else None
         if bar is not None: bar.update(len(self.results_))
         try:
             for i, params in todo:

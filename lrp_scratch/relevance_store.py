@@ -4,32 +4,30 @@
 
 # %% ../nbs/15_relevance_store.ipynb #c240a5fb
 from __future__ import annotations
-import hashlib, importlib, json, math, os, time, warnings
+import hashlib, json, math, os, warnings
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
 from . import __version__
-from .core import atomic_write
+from .core import atomic_write, jsonable, require
 from .lrp import Composite, EpsilonPlusFlat, LRPModel, get_composite
-from .rules import _check_top_k
 from .data_loaders import InMemoryDataset
-from .distributed import all_reduce_sum, barrier, init_distributed, shard_range
+from .distributed import init_distributed
+from .jobs import StoreError, chunk_ranges, digest, manifest_diff, read_job_manifest, run_chunked_job
+_all_ = ['StoreError', 'chunk_ranges', 'manifest_diff', 'require']  # (defined in `jobs` and `core`; imported from here too)
 
 # %% auto #0
-__all__ = ['STORE_FORMAT', 'STORE_VERSION', 'MANIFEST', 'TARGETS', 'StoreError', 'item_dtype', 'chunk_ranges', 'chunk_files',
-           'load_batch', 'model_fingerprint', 'dataset_fingerprint', 'make_manifest', 'manifest_diff', 'read_manifest',
-           'explain_dataset', 'StoreItems', 'RelevanceStore', 'relevance', 'classes', 'class_positions', 'iter_classes',
-           'require', 'to_hdf5']
+__all__ = ['STORE_FORMAT', 'STORE_VERSION', 'MANIFEST', 'TARGETS', 'item_dtype', 'chunk_files', 'load_batch', 'model_fingerprint',
+           'dataset_fingerprint', 'check_target', 'make_manifest', 'read_manifest', 'explain_dataset', 'StoreItems',
+           'RelevanceStore', 'relevance', 'classes', 'class_positions', 'iter_classes', 'to_hdf5', 'StoreError',
+           'chunk_ranges', 'manifest_diff', 'require']
 
 # %% ../nbs/15_relevance_store.ipynb #de871201
 STORE_FORMAT = 'lrp_scratch.relevance_store'  # the manifest's `format`
 STORE_VERSION = 1  # bumped when the layout changes
 MANIFEST = 'manifest.json'
-
-class StoreError(RuntimeError):
-    "A relevance store that cannot be used as it is: missing, truncated or mismatched files, or other arguments."
 
 def item_dtype(n_classes: int) -> np.dtype:
     "The record of one item in the `items.*.npy` files."
@@ -39,12 +37,6 @@ def item_dtype(n_classes: int) -> np.dtype:
                      ('prediction', '<i8'),  # the model's predicted class (argmax of the output)
                      ('score', '<f4'),       # the model's output for `target` (the relevance it distributes)
                      ('output', '<f4', (n_classes,))])  # the model's whole output
-
-def chunk_ranges(n: int, # items in the store
-                 chunk_size: int, # items per chunk
-                ) -> list[range]:
-    "The positions of each chunk: `[range(0, chunk_size), range(chunk_size, 2*chunk_size), ...]`, the last one shorter."
-    return [range(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
 
 def chunk_files(out_dir: str|Path, r: range) -> tuple[Path, Path]:
     "The relevance and items files of the chunk at positions `r`."
@@ -91,11 +83,6 @@ def load_batch(dataset, # a dataset of (image, label) items
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
 
 # %% ../nbs/15_relevance_store.ipynb #b92a3195
-def _sha256(*parts) -> str:
-    h = hashlib.sha256()
-    for p in parts: h.update(p if isinstance(p, bytes) else str(p).encode())
-    return h.hexdigest()
-
 def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
@@ -110,21 +97,19 @@ def model_fingerprint(model: nn.Module) -> str:
 def dataset_fingerprint(dataset) -> str:
     "SHA-256 of an `InMemoryDataset` (images, labels, transform); of other datasets: their type, length and 3 items."
     if isinstance(dataset, InMemoryDataset):
-        return _sha256(_tensor_bytes(dataset.data), _tensor_bytes(dataset.targets), repr(dataset.transform))
+        return digest(_tensor_bytes(dataset.data), _tensor_bytes(dataset.targets), repr(dataset.transform))
     n = len(dataset)
     parts = [type(dataset).__qualname__, n]
     for i in sorted({0, n // 2, n - 1}) if n else []:
         x, y = _item(dataset, i)
         parts += [tuple(x.shape), str(x.dtype), _tensor_bytes(x), y]
-    return _sha256(*parts)
-
-def _jsonable(v):
-    return json.loads(json.dumps(v, default=lambda o: o.tolist() if hasattr(o, 'tolist') else str(o)))
+    return digest(*parts)
 
 # %% ../nbs/15_relevance_store.ipynb #31d06c23
 TARGETS = ('pred', 'label')
 
-def _check_target(target):
+def check_target(target):
+    "`target` if it is one `explain_dataset` and `relevance_maximization` take: 'pred', 'label' or a class number; else a ValueError."
     if isinstance(target, str) and target in TARGETS: return target
     if isinstance(target, (int, np.integer)) and not isinstance(target, bool) and target >= 0: return int(target)
     raise ValueError(f"target must be 'pred' (the predicted class), 'label' (the item's label) or a class number >= 0, got {target!r}")
@@ -133,7 +118,7 @@ def make_manifest(model: nn.Module, dataset, composite: Composite, top_k: float,
                   batch_size: int, chunk_size: int, n_classes: int, item_shape: tuple, device: torch.device) -> dict:
     "The manifest of `explain_dataset` called with these arguments (JSON-ready)."
     shape = list(item_shape[1:]) if reduce == 'sum' else list(item_shape)
-    return _jsonable(dict(
+    return jsonable(dict(
         format=STORE_FORMAT, format_version=STORE_VERSION, lrp_scratch=__version__, torch=torch.__version__, numpy=np.__version__,
         model=dict(type=type(model).__name__, name=getattr(model, 'name', type(model).__name__), config=getattr(model, 'config', None),
                    sha256=model_fingerprint(model)),
@@ -142,53 +127,17 @@ def make_manifest(model: nn.Module, dataset, composite: Composite, top_k: float,
         top_k=top_k, target=target, reduce=reduce,
         dataset=dict(type=type(dataset).__name__, name=getattr(dataset, 'name', ''), split=getattr(dataset, 'split', ''),
                      length=len(dataset), fingerprint=dataset_fingerprint(dataset),
-                     indices_sha256=_sha256(np.ascontiguousarray(indices, dtype='<i8').tobytes())),
+                     indices_sha256=digest(np.ascontiguousarray(indices, dtype='<i8').tobytes())),
         count=len(indices), dtype='float32', shape=shape, input_shape=list(item_shape), n_classes=n_classes,
         batch_size=batch_size, chunk_size=chunk_size, device=device.type,
         files=dict(relevance='chunks/relevance.<start>-<stop>.npy', items='chunks/items.<start>-<stop>.npy',
                    item_fields=list(item_dtype(n_classes).names))))
 
-def manifest_diff(old: dict, new: dict, prefix: str = '') -> list[str]:
-    "The keys (dotted) whose values differ between two manifests, with both values."
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k, '<missing>'), new.get(k, '<missing>')
-        if isinstance(a, dict) and isinstance(b, dict): out += manifest_diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            short = lambda v: (s if len(s := json.dumps(v)) <= 60 else s[:57] + '...')
-            out.append(f"{prefix}{k}: {short(a)} in the store, {short(b)} now")
-    return out
-
 def read_manifest(out_dir: str|Path) -> dict:
     "The manifest of a store; `StoreError` when it is missing or not a relevance store's."
-    p = Path(out_dir)/MANIFEST
-    if not p.exists(): raise StoreError(f"{p} does not exist: {out_dir} is not a relevance store (write one with explain_dataset)")
-    try: m = json.loads(p.read_text(encoding='utf-8'))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise StoreError(f"{p} is not valid JSON ({e}); it was not written by explain_dataset or is damaged") from None
-    if not isinstance(m, dict) or m.get('format') != STORE_FORMAT:
-        raise StoreError(f"{p} is not the manifest of a relevance store (format {m.get('format') if isinstance(m, dict) else None!r}, expected {STORE_FORMAT!r})")
-    return m
+    return read_job_manifest(Path(out_dir)/MANIFEST, STORE_FORMAT, 'relevance store', 'explain_dataset')
 
 # %% ../nbs/15_relevance_store.ipynb #fa54c911
-def _bar(total: int, desc: str, enabled):
-    if not enabled: return None
-    try:
-        if enabled == 'text': from tqdm.std import tqdm
-        else: from tqdm.auto import tqdm
-    except ImportError: return None
-    return tqdm(total=total, desc=desc, unit='img', dynamic_ncols=True, leave=True)
-
-def _chunk_ok(out_dir: Path, r: range, shape: tuple, n_classes: int) -> bool:
-    "Whether both files of chunk `r` are there, complete and of the manifest's layout."
-    rel_p, items_p = chunk_files(out_dir, r)
-    if not (rel_p.exists() and items_p.exists()): return False
-    try:
-        _open_chunk(rel_p, items_p, r, shape, n_classes)
-        return True
-    except StoreError as e:
-        warnings.warn(f"{e}: computing that chunk again", RuntimeWarning, stacklevel=3)
-        return False
-
 def _open_chunk(rel_p: Path, items_p: Path, r: range, shape: tuple, n_classes: int):
     "(memory-mapped relevance, items) of a chunk, checked; `StoreError` naming the file otherwise."
     want = {rel_p: ((len(r), *shape), np.dtype('<f4')), items_p: ((len(r),), item_dtype(n_classes))}
@@ -203,17 +152,6 @@ def _open_chunk(rel_p: Path, items_p: Path, r: range, shape: tuple, n_classes: i
         out.append(a)
     return tuple(out)
 
-def _wait_for_chunks(out_dir: Path, chunks: list[range], poll: float = 0.5):
-    "Wait until every chunk's items file exists: ranks that finish early wait here, not in a collective with a timeout."
-    pending = [chunk_files(out_dir, r)[1] for r in chunks]
-    while pending:
-        pending = [p for p in pending if not p.exists()]
-        if pending: time.sleep(poll)
-
-def _remove_stale_tmp(out_dir: Path, r: range):
-    "Temporary files a killed writer of chunk `r` left behind (only this chunk's: other ranks may be writing theirs)."
-    for p in chunk_files(out_dir, r):
-        for t in p.parent.glob(f'.{p.name}.*.tmp'): t.unlink(missing_ok=True)
 
 # %% ../nbs/15_relevance_store.ipynb #fddb6602
 def explain_dataset(model: nn.Module, # the classifier (in eval mode for explanation; it is not modified)
@@ -235,7 +173,7 @@ def explain_dataset(model: nn.Module, # the classifier (in eval mode for explana
     if not hasattr(dataset, '__len__') or not hasattr(dataset, '__getitem__'):
         raise TypeError(f"dataset must be a dataset (with __len__ and __getitem__) of (image, label) items, got {type(dataset).__name__}")
     composite = EpsilonPlusFlat() if composite is None else get_composite(composite)
-    target = _check_target(target)
+    target = check_target(target)
     if reduce not in ('sum', 'none'): raise ValueError(f"reduce must be 'sum' (maps summed over channels) or 'none' (full maps), got {reduce!r}")
     for name, v in (('batch_size', batch_size), ('chunk_size', chunk_size)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1: raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -256,65 +194,41 @@ def explain_dataset(model: nn.Module, # the classifier (in eval mode for explana
 
     x0, _ = load_batch(dataset, idx[:1])  # the first item: its shape, and a clear error for bad items before any work
     with torch.no_grad(): was_training = model.training; n_classes = model.eval()(x0.to(device)).shape[1]; model.train(was_training)
-    manifest = make_manifest(model, dataset, composite, _check_top_k(top_k), target, reduce, idx, int(batch_size), int(chunk_size),
-                             n_classes, tuple(x0.shape[1:]), device)
-    manifest['meta'] = _jsonable(meta or {})
-    if (out_dir/MANIFEST).exists():
-        diff = manifest_diff({k: v for k, v in read_manifest(out_dir).items() if k != 'meta'}, {k: v for k, v in manifest.items() if k != 'meta'})
-        if diff:
-            raise StoreError(f"{out_dir} holds results computed with other arguments, which cannot be mixed with these: " + '; '.join(diff) +
-                             ". Call explain_dataset with the store's arguments to resume it, or give another out_dir")
-    else:  # every rank writes the same bytes (atomically): no rank has to wait for another
-        if (out_dir/'chunks').is_dir() and any((out_dir/'chunks').glob('*.npy')):  # (every rank writes the manifest before its chunks)
-            raise StoreError(f"{out_dir} holds chunk files but no {MANIFEST}: what computed them is unknown, so they cannot be resumed; "
-                             "delete the folder or give another out_dir")
-        text = json.dumps(manifest, indent=1)
-        if env.world_size > 1: barrier()  # every rank checked the folder above before any writes into it
-        atomic_write(out_dir/MANIFEST, lambda f: f.write(text.encode()))
-    shape = tuple(manifest['shape'])
-    chunks = chunk_ranges(len(idx), int(chunk_size))
-    mine = [chunks[i] for i in shard_range(len(chunks), env.rank, env.world_size)]
-    todo = [r for r in mine if not _chunk_ok(out_dir, r, shape, n_classes)]
     lrp = LRPModel(model, top_k=top_k, composite=composite)
-    bar = _bar(sum(map(len, todo)), f"LRP {out_dir.name}" + (f" [rank {env.rank}/{env.world_size}]" if env.world_size > 1 else ''),
-               progress if env.rank == 0 else False)
-    try:
-        for r in todo:
-            _remove_stale_tmp(out_dir, r)
-            rel = np.empty((len(r), *shape), dtype='<f4')
-            items = np.zeros(len(r), dtype=item_dtype(n_classes))
-            for s in range(r.start, r.stop, batch_size):
-                e = min(s + batch_size, r.stop)
-                x, y = load_batch(dataset, idx[s:e])
-                x = x.to(device)
-                if target == 'label':
-                    if (y < 0).any(): raise ValueError(f"target='label' but items {idx[s:e][(y < 0).numpy()][:5].tolist()} have no label")
-                    tgt = y.to(device)
-                else: tgt = target
-                rb, out = lrp.explain(x, target=tgt)
-                if reduce == 'sum': rb = rb.sum(1)
-                out = out.float()
-                t = out.argmax(1) if target == 'pred' else (y.to(device) if target == 'label' else torch.full((len(x),), target, device=device))
-                k = slice(s - r.start, e - r.start)
-                rel[k] = rb.detach().float().cpu().numpy()
-                items['index'][k], items['label'][k], items['target'][k] = idx[s:e], y.numpy(), t.cpu().numpy()
-                items['prediction'][k] = out.argmax(1).cpu().numpy()
-                items['score'][k] = out.gather(1, t[:, None])[:, 0].cpu().numpy()
-                items['output'][k] = out.cpu().numpy()
-                if bar is not None: bar.update(e - s)
-            rel_p, items_p = chunk_files(out_dir, r)
-            atomic_write(rel_p, lambda f: np.save(f, rel))
-            atomic_write(items_p, lambda f: np.save(f, items))  # last: a chunk is complete when its items file exists
-    finally:
-        if bar is not None: bar.close()
-    if env.world_size > 1:
-        # a rank whose shard was already done (a resumed job) may wait long for the others: it polls the files (torchrun ends
-        # the job if a rank fails), and the barrier, the only collective, then meets at once, far from gloo's timeout
-        _wait_for_chunks(out_dir, chunks)
-        barrier()
+    manifest = make_manifest(model, dataset, composite, lrp.top_k, target, reduce, idx, int(batch_size), int(chunk_size),
+                             n_classes, tuple(x0.shape[1:]), device)
+    manifest['meta'] = jsonable(meta or {})
+    shape = tuple(manifest['shape'])
+
+    def compute(r: range, update) -> list:
+        rel = np.empty((len(r), *shape), dtype='<f4')
+        items = np.zeros(len(r), dtype=item_dtype(n_classes))
+        for s in range(r.start, r.stop, batch_size):
+            e = min(s + batch_size, r.stop)
+            x, y = load_batch(dataset, idx[s:e])
+            x = x.to(device)
+            if target == 'label':
+                if (y < 0).any(): raise ValueError(f"target='label' but items {idx[s:e][(y < 0).numpy()][:5].tolist()} have no label")
+                tgt = y.to(device)
+            else: tgt = target
+            rb, out = lrp.explain(x, target=tgt)
+            if reduce == 'sum': rb = rb.sum(1)
+            out = out.float()
+            t = out.argmax(1) if target == 'pred' else (y.to(device) if target == 'label' else torch.full((len(x),), target, device=device))
+            k = slice(s - r.start, e - r.start)
+            rel[k] = rb.detach().float().cpu().numpy()
+            items['index'][k], items['label'][k], items['target'][k] = idx[s:e], y.numpy(), t.cpu().numpy()
+            items['prediction'][k] = out.argmax(1).cpu().numpy()
+            items['score'][k] = out.gather(1, t[:, None])[:, 0].cpu().numpy()
+            items['output'][k] = out.cpu().numpy()
+            update(e - s)
+        return [lambda f: np.save(f, rel), lambda f: np.save(f, items)]  # the items file last: it marks the chunk complete
+
+    computed = run_chunked_job(out_dir, MANIFEST, manifest, chunk_ranges(len(idx), int(chunk_size)), lambda r: chunk_files(out_dir, r),
+                               lambda r: _open_chunk(*chunk_files(out_dir, r), r, shape, n_classes), compute, env,
+                               'explain_dataset', 'relevance store', progress=progress, desc=f"LRP {out_dir.name}")
     store = RelevanceStore(out_dir)
-    done_here = sum(map(len, todo))
-    store.computed = int(all_reduce_sum([done_here])[0]) if env.world_size > 1 else done_here  # items this call explained (0: it was complete)
+    store.computed = computed  # items this call explained (0: it was complete)
     return store
 
 # %% ../nbs/15_relevance_store.ipynb #552bbd75
@@ -427,16 +341,6 @@ def iter_classes(self: RelevanceStore, by: str = 'label') -> Iterator[tuple[int,
 RelevanceStore.classes, RelevanceStore.class_positions, RelevanceStore.iter_classes = classes, class_positions, iter_classes
 
 # %% ../nbs/15_relevance_store.ipynb #016646b8
-def require(module: str, # the module to import
-            what: str, # what needs it, for the message
-            extra: str = 'analysis', # the optional extra of lrp_scratch that installs it
-            pip_name: str|None = None): # its name on PyPI (default: `module`)
-    "Import an optional dependency, or an ImportError that says which extra to install."
-    try: return importlib.import_module(module)
-    except ImportError:
-        raise ImportError(f"{what} needs {pip_name or module}, which is not installed: pip install 'lrp_scratch[{extra}]' "
-                          f"(or pip install {pip_name or module})") from None
-
 def to_hdf5(self: RelevanceStore, path: str|Path, # the .h5 file to write
             compression: str|None = None, # h5py compression of `attribution`, e.g. 'gzip'
            ) -> Path:

@@ -180,9 +180,9 @@ def _reduce(self: Tester, acc: ClassificationMetrics|None, n: int, loss_sum: flo
     if acc is None:
         names = self.class_names if self.class_names is not None and len(self.class_names) == k else None
         acc = ClassificationMetrics(k, class_names=names)
-    cm = acc.cm.double().flatten().cpu() if acc.cm is not None else torch.zeros(k * k, dtype=torch.float64)
-    bad = float(acc._n_bad) if acc._n_bad is not None else 0.
+    cm, bad, _ = acc.state()
+    cm = cm.double().flatten().cpu() if cm is not None else torch.zeros(k * k, dtype=torch.float64)
+    bad = float(bad) if bad is not None else 0.
     s = all_reduce_sum(torch.cat([cm, torch.tensor([bad, n, loss_sum], dtype=torch.float64)]))
-    acc.cm, acc._n_bad = s[:k * k].round().long().reshape(k, k), s[k * k].round().long()  # counts < 2**53: exact in float64
-    acc.n = int(s[k * k + 1])
+    acc.load_state(s[:k * k].round().long().reshape(k, k), s[k * k].round().long(), int(s[k * k + 1]))  # counts < 2**53: exact in float64
     return acc, acc.n, float(s[k * k + 2])

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from fastcore.basics import patch
 from fastcore.meta import delegates
-from .core import atomic_write, autocast_dtype, get_device, seed_everything, user_stacklevel
+from .core import atomic_write, atomic_write_text, autocast_dtype, get_device, progress_bar, seed_everything, user_stacklevel
 from .loggers import get_logger
 from .loss_funcs import CrossEntropyLoss
 from .optimizers import get_optimizer
@@ -28,10 +28,6 @@ __all__ = ['HISTORY_COLUMNS', 'CHECKPOINT_FORMAT', 'SCHEDULERS', 'MONITORS', 'Hi
 # %% ../nbs/09_trainers.ipynb #0a2a0a5b
 HISTORY_COLUMNS = ('epoch', 'train_loss', 'train_accuracy', 'valid_loss', 'valid_accuracy', 'lr', 'time', 'skipped')
 _INT_COLUMNS = ('epoch', 'skipped')
-
-def _atomic_write_text(path: Path, text: str):
-    "Write `text` (UTF-8) to `path` atomically (readers never see half a file)."
-    atomic_write(path, lambda f: f.write(text.encode('utf-8')))
 
 class History:
     "Per-epoch record of a training run: a table with the columns of `HISTORY_COLUMNS`."
@@ -74,13 +70,13 @@ class History:
         "Write the table as CSV (NaN as an empty field)."
         rows = [','.join(HISTORY_COLUMNS)] + [','.join('' if isinstance(v, float) and math.isnan(v) else repr(v) for v in r.values())
                                               for r in self.rows]
-        _atomic_write_text(Path(path), '\n'.join(rows) + '\n')
+        atomic_write_text(Path(path), '\n'.join(rows) + '\n')
         return Path(path)
 
     def to_jsonl(self, path: str|Path) -> Path:
         "Write one JSON object per epoch (NaN as null)."
         lines = [json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}) for r in self.rows]
-        _atomic_write_text(Path(path), '\n'.join(lines) + ('\n' if lines else ''))
+        atomic_write_text(Path(path), '\n'.join(lines) + ('\n' if lines else ''))
         return Path(path)
 
     def __repr__(self):
@@ -254,16 +250,6 @@ def _check_int(name, v, lo=1, none=False):
     if none and v is None: return
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
         raise ValueError(f"{name} must be an int >= {lo}{' or None' if none else ''}, got {v!r}")
-
-def _progress_bar(total, desc: str, kind: bool|str = True, unit: str = 'batch'):
-    "A `tqdm.auto` bar (widget in notebooks, text elsewhere; `kind='text'`: always text), or None when tqdm is not installed."
-    try:
-        if kind == 'text': from tqdm.std import tqdm
-        else: from tqdm.auto import tqdm
-    except ImportError:
-        warnings.warn("progress bars need tqdm (pip install tqdm); training without them", stacklevel=user_stacklevel())
-        return None
-    return tqdm(total=total, desc=desc, unit=unit, leave=True, dynamic_ncols=True)
 
 class Trainer:
     "Train `model` on `train_dataloader`, validating on `valid_dataloader`; `run()` returns `(model, losses, accuracies)`."
@@ -502,7 +488,7 @@ def train_epoch(self: Trainer, epoch: int, # the epoch's number (1-based), for m
     model, opt, scaler, dl = self.model, self.optimizer, self.scaler, self.train_dataloader
     set_loader_epoch(dl, epoch - 1)  # the epoch's shared shuffle (TensorLoader, DistributedSampler)
     n_batches = len(dl) if hasattr(dl, '__len__') else None
-    bar = _progress_bar(n_batches, f"epoch {epoch}/{self.train_epochs}", self.progress) if self.progress and is_main() else None
+    bar = progress_bar(n_batches, f"epoch {epoch}/{self.train_epochs}", self.progress, unit='batch') if self.progress and is_main() else None
     t0 = time.perf_counter()
     lr = opt.param_groups[0]['lr']
     n, loss_sum, correct, skipped = 0, 0.0, None, 0

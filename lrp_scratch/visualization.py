@@ -12,6 +12,7 @@ import torch
 import matplotlib.pyplot as plt
 from PIL import Image
 from .core import atomic_write
+from .crp import conditional_relevance
 from .lrp import LRPModel, classic, EpsilonPlusFlat, EpsilonPlus, EpsilonAlpha2Beta1, EpsilonGammaBox
 
 # %% auto #0
@@ -192,7 +193,7 @@ def _explorer_view(model, x, y, composites, i, comp_name, top_k, target, layer=N
     if layer:
         if top_k: axes[2].text(0.5, 0.5, 'concepts need top_k = 0', ha='center', va='center', transform=axes[2].transAxes)
         else:
-            rc, _ = lrp.explain(xi, target=tgt, conditions={layer: [channel]})
+            rc, _ = conditional_relevance(lrp, xi, tgt, {layer: [channel]})
             axes[2].imshow(relevance_to_rgb(rc[0, 0], 'bwr'))
         axes[2].set_title(f"concept {layer}:{channel}", fontsize=9); axes[2].set_axis_off()
     axes[0].imshow(_image(xi[0]), cmap='gray' if x.shape[1] == 1 else None); axes[0].set_title(f"sample {i}" + (f", label {int(y[i])}" if y is not None else ''))
