@@ -10,7 +10,7 @@ import torch.nn as nn
 from .lrp_graph import LINEAR_TYPES, BATCHNORM_TYPES, fold_batchnorm
 
 # %% auto #0
-__all__ = ['MergeBatchNorm']
+__all__ = ['MergeBatchNorm', 'eval_and_out_of_place']
 
 # %% ../nbs/08f_lrp_canonizers.ipynb #fef35157
 class MergeBatchNorm:
@@ -36,7 +36,7 @@ class MergeBatchNorm:
 
 # %% ../nbs/08f_lrp_canonizers.ipynb #dc4ce435
 @contextmanager
-def _eval_and_out_of_place(model: nn.Module):
+def eval_and_out_of_place(model: nn.Module):
     "Eval mode (BatchNorm running statistics, no dropout) and out-of-place activations, restored afterwards."
     training = {m: m.training for m in model.modules()}
     inplace = [m for m in model.modules() if getattr(m, 'inplace', False) is True]

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from .lrp_graph import LINEAR_TYPES, BATCHNORM_TYPES, LRPGraph, Op, Linear, trace, standard
 from .rules import (Rule, Epsilon, ZPlus, Alpha2Beta1, Gamma, ZBox, Flat, Pass, SignalTakesAll, Norm, MaxPoolAsAvg,
                                OnesInput, UniformProduct, CentredNorm, CPAttention, AttnLRP, SoftmaxRule, attention_rule as _attention_rule)
-from .canonizers import MergeBatchNorm, _eval_and_out_of_place
+from .canonizers import MergeBatchNorm, eval_and_out_of_place
 
 # %% auto #0
 __all__ = ['CONV_TYPES', 'ACTIVATION_TYPES', 'AVGPOOL_TYPES', 'MAXPOOL_TYPES', 'NORM_TYPES', 'GRADIENT_TYPES', 'PRESETS',
-           'Composite', 'EpsilonPlus', 'EpsilonPlusFlat', 'EpsilonGammaBox', 'EpsilonAlpha2Beta1',
-           'EpsilonAlpha2Beta1Flat', 'Uniform', 'classic', 'get_composite']
+           'linear_fn', 'Composite', 'Preset', 'EpsilonPlus', 'EpsilonPlusFlat', 'EpsilonGammaBox',
+           'EpsilonAlpha2Beta1', 'EpsilonAlpha2Beta1Flat', 'Uniform', 'classic', 'get_composite']
 
 # %% ../nbs/08e_lrp_composites.ipynb #5ac10567
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -33,7 +33,7 @@ GRADIENT_TYPES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1
                   nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle,
                   nn.AlphaDropout) + MAXPOOL_TYPES  # their gradient is the relevance flow we want
 
-def _linear_fn(module: nn.Module) -> Callable:
+def linear_fn(module: nn.Module) -> Callable:
     "fn(x, weight, bias) evaluating `module`'s operation with other parameters."
     if isinstance(module, Linear): return module.apply
     if isinstance(module, nn.Linear): return F.linear
@@ -83,7 +83,8 @@ class Composite:
     def __init__(self, layer_map: Sequence = (), # [(module type or tuple of types, Rule), ...], first match wins
                  first_map: Sequence = (), # rules for the first linear layer (conv or dense), same format
                  name_map: dict|None = None, # {module or op name: Rule}, e.g. {'features.0': Flat(), 'layer1.0.add': Norm()}
-                 canonizers: Sequence|None = None, # default: (MergeBatchNorm(),)
+                 fold_batchnorm: bool = True, # fold every BatchNorm that follows a linear map into it (the graph pass finds them)
+                 canonizers: Sequence|None = None, # the older spelling: (MergeBatchNorm(),) folds, () does not; nothing else is accepted
                  activation_rule: Rule|None = None, # rule of activations (modules and functions), default Pass()
                  pool_rule: Rule|None = None, # rule of average pools and means, default Norm()
                  maxpool_rule: Rule|None = None, # rule of max pools; default None: the gradient (winner-take-all)
@@ -109,7 +110,15 @@ class Composite:
                 raise TypeError(f"{k} is {r!r} ({type(r).__name__}), not a rule: give a Rule such as Norm() or Pass()")
         self.product_rule = product_rule or UniformProduct()
         self.attention_rule, self.softmax_rule = _attention_rule(attention_rule), softmax_rule or SoftmaxRule()
-        self.canonizers = tuple(canonizers) if canonizers is not None else (MergeBatchNorm(),)
+        if canonizers is not None:
+            other = [c for c in canonizers if not isinstance(c, MergeBatchNorm)]
+            if other:
+                raise TypeError(f"canonizers: {other[0]!r} is not a canonizer this library applies: the graph pass rewrites the model "
+                                f"itself, and BatchNorm folding is the one switch (fold_batchnorm=True/False; canonizers=(MergeBatchNorm(),) "
+                                f"or () say the same). Give ops a rule with the composite's arguments instead.")
+            fold_batchnorm = bool(canonizers)
+        self.fold_batchnorm = bool(fold_batchnorm)
+        self.canonizers = (MergeBatchNorm(),) if self.fold_batchnorm else ()  # what a relevance store records
         self.activation_rule, self.pool_rule, self.maxpool_rule = activation_rule or Pass(), pool_rule or Norm(), maxpool_rule
         self.sum_rule, self.gate_rule, self.cat_rule = sum_rule or Norm(), gate_rule or SignalTakesAll(), cat_rule
         self.constant_rule, self.norm_rule, self.batchnorm_rule = constant_rule or Pass(), norm_rule or CentredNorm(), batchnorm_rule or Pass()
@@ -141,11 +150,11 @@ class Composite:
     def _graph_key(self) -> tuple:
         "What the graph depends on: the module types and names with a rule of their own, BatchNorm folding, and the attention rule (under CP-LRP the logits receive nothing)."
         types = tuple(t for ts, _ in self.layer_map + self.first_map for t in (ts if isinstance(ts, tuple) else (ts,)))
-        return types, tuple(self.name_map), any(isinstance(c, MergeBatchNorm) for c in self.canonizers), self.attention_rule.mode
+        return types, tuple(self.name_map), self.fold_batchnorm, self.attention_rule.mode
 
     def graph(self, model: nn.Module) -> LRPGraph:
         "`model` traced for this composite (see [LRP on graphs](lrp_graph.html)): its modules and functional ops."
-        with _eval_and_out_of_place(model): return trace(model, *self._graph_key())
+        with eval_and_out_of_place(model): return trace(model, *self._graph_key())
 
     def entries(self, model: nn.Module, graph: LRPGraph|None = None) -> list:
         "[(name, module, rule, note), ...] in the order the model calls them; rule None: the gradient, 'unsupported': none."
@@ -216,55 +225,58 @@ class Composite:
     def __repr__(self): return f"{self.name}(layer_map={self.layer_map}, first_map={self.first_map}, name_map={self.name_map})"
 
 # %% ../nbs/08e_lrp_composites.ipynb #66f7be6e
-def _preset(name, layer_map, first_map=(), layer_map_extra=(), first_map_extra=(), **kw) -> Composite:
-    "A named composite; user-given maps come first, so they override the preset's."
-    return Composite(layer_map=_as_pairs(layer_map_extra) + list(layer_map),
-                     first_map=_as_pairs(first_map_extra) + list(first_map), name=name, **kw)
+class Preset(Composite):
+    "A named composite: the preset's maps, after the user's (`layer_map=`, `first_map=`, which so override them)."
+    def __init__(self, layer_map: Sequence, first_map: Sequence = (), layer_map_extra=(), first_map_extra=(), name: str|None = None, **kw):
+        super().__init__(layer_map=_as_pairs(layer_map_extra) + list(layer_map),
+                         first_map=_as_pairs(first_map_extra) + list(first_map), name=name or type(self).__name__, **kw)
 
-def EpsilonPlus(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_bias: bool = False,
-                layer_map=(), first_map=(), **kw) -> Composite:
+class EpsilonPlus(Preset):
     "z+ on convolutions, epsilon on dense layers."
-    return _preset('EpsilonPlus', [(CONV_TYPES, ZPlus(stabilizer, zero_bias)), (nn.Linear, Epsilon(epsilon, zero_bias))],
-                   (), layer_map, first_map, **kw)
+    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_bias: bool = False, layer_map=(), first_map=(), **kw):
+        super().__init__([(CONV_TYPES, ZPlus(stabilizer, zero_bias)), (nn.Linear, Epsilon(epsilon, zero_bias))], (),
+                         layer_map, first_map, **kw)
 
-def EpsilonPlusFlat(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_bias: bool = False,
-                    layer_map=(), first_map=(), **kw) -> Composite:
+class EpsilonPlusFlat(Preset):
     "Flat on the first linear layer, z+ on other convolutions, epsilon on dense layers."
-    return _preset('EpsilonPlusFlat', [(CONV_TYPES, ZPlus(stabilizer, zero_bias)), (nn.Linear, Epsilon(epsilon, zero_bias))],
-                   [(LINEAR_TYPES, Flat(stabilizer))], layer_map, first_map, **kw)
+    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_bias: bool = False, layer_map=(), first_map=(), **kw):
+        super().__init__([(CONV_TYPES, ZPlus(stabilizer, zero_bias)), (nn.Linear, Epsilon(epsilon, zero_bias))],
+                         [(LINEAR_TYPES, Flat(stabilizer))], layer_map, first_map, **kw)
 
-def EpsilonGammaBox(low: float|torch.Tensor, high: float|torch.Tensor, epsilon: float = 1e-6, gamma: float = 0.25,
-                    stabilizer: float = 1e-6, zero_bias: bool = False, layer_map=(), first_map=(), **kw) -> Composite:
+class EpsilonGammaBox(Preset):
     "ZBox(low, high) on the first linear layer, gamma on other convolutions, epsilon on dense layers."
-    return _preset('EpsilonGammaBox', [(CONV_TYPES, Gamma(gamma, stabilizer, zero_bias)), (nn.Linear, Epsilon(epsilon, zero_bias))],
-                   [(LINEAR_TYPES, ZBox(low, high, stabilizer, zero_bias))], layer_map, first_map, **kw)
+    def __init__(self, low: float|torch.Tensor, high: float|torch.Tensor, epsilon: float = 1e-6, gamma: float = 0.25,
+                 stabilizer: float = 1e-6, zero_bias: bool = False, layer_map=(), first_map=(), **kw):
+        super().__init__([(CONV_TYPES, Gamma(gamma, stabilizer, zero_bias)), (nn.Linear, Epsilon(epsilon, zero_bias))],
+                         [(LINEAR_TYPES, ZBox(low, high, stabilizer, zero_bias))], layer_map, first_map, **kw)
 
-def EpsilonAlpha2Beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_bias: bool = False,
-                       layer_map=(), first_map=(), **kw) -> Composite:
+class EpsilonAlpha2Beta1(Preset):
     "alpha2-beta1 on convolutions, epsilon on dense layers."
-    return _preset('EpsilonAlpha2Beta1', [(CONV_TYPES, Alpha2Beta1(stabilizer, zero_bias)), (nn.Linear, Epsilon(epsilon, zero_bias))],
-                   (), layer_map, first_map, **kw)
+    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_bias: bool = False, layer_map=(), first_map=(), **kw):
+        super().__init__([(CONV_TYPES, Alpha2Beta1(stabilizer, zero_bias)), (nn.Linear, Epsilon(epsilon, zero_bias))], (),
+                         layer_map, first_map, **kw)
 
-def EpsilonAlpha2Beta1Flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_bias: bool = False,
-                           layer_map=(), first_map=(), **kw) -> Composite:
+class EpsilonAlpha2Beta1Flat(Preset):
     "Flat on the first linear layer, alpha2-beta1 on other convolutions, epsilon on dense layers."
-    return _preset('EpsilonAlpha2Beta1Flat', [(CONV_TYPES, Alpha2Beta1(stabilizer, zero_bias)), (nn.Linear, Epsilon(epsilon, zero_bias))],
-                   [(LINEAR_TYPES, Flat(stabilizer))], layer_map, first_map, **kw)
+    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_bias: bool = False, layer_map=(), first_map=(), **kw):
+        super().__init__([(CONV_TYPES, Alpha2Beta1(stabilizer, zero_bias)), (nn.Linear, Epsilon(epsilon, zero_bias))],
+                         [(LINEAR_TYPES, Flat(stabilizer))], layer_map, first_map, **kw)
 
-def Uniform(rule: Rule, layer_map=(), first_map=(), **kw) -> Composite:
+class Uniform(Preset):
     "The same rule on every linear layer; for `Epsilon(e)` also the z-rule with e on sums, pools, products and attention (`Uniform(Epsilon(0))` is exact LRP-0)."
-    if isinstance(rule, Epsilon):
-        e = rule.epsilon
-        kw = dict(sum_rule=Norm(e), pool_rule=Norm(e), product_rule=UniformProduct(e), norm_rule=CentredNorm(e)) | kw
-        kw['attention_rule'] = _attention_rule(kw.get('attention_rule', 'cp'), e)  # by name: with the same e
-    return _preset(f'Uniform({rule!r})', [(LINEAR_TYPES, rule)], (), layer_map, first_map, **kw)
+    def __init__(self, rule: Rule, layer_map=(), first_map=(), **kw):
+        if isinstance(rule, Epsilon):
+            e = rule.epsilon
+            kw = dict(sum_rule=Norm(e), pool_rule=Norm(e), product_rule=UniformProduct(e), norm_rule=CentredNorm(e)) | kw
+            kw['attention_rule'] = _attention_rule(kw.get('attention_rule', 'cp'), e)  # by name: with the same e
+        super().__init__([(LINEAR_TYPES, rule)], (), layer_map, first_map, name=f'Uniform({rule!r})', **kw)
 
 # %% ../nbs/08e_lrp_composites.ipynb #677d89e1
 def classic(epsilon: float = 1e-5, layer_map=(), first_map=(), **kw) -> Composite:
     "The original project's LRP: z+ without bias everywhere, ones as first-layer input, max pools as average pools."
     zp = ZPlus(epsilon, zero_bias=True)
     kw = dict(pool_rule=Norm(epsilon), maxpool_rule=MaxPoolAsAvg(epsilon)) | kw
-    return _preset('classic', [(LINEAR_TYPES, zp)], [(LINEAR_TYPES, OnesInput(zp))], layer_map, first_map, **kw)
+    return Preset([(LINEAR_TYPES, zp)], [(LINEAR_TYPES, OnesInput(zp))], layer_map, first_map, name='classic', **kw)
 
 # %% ../nbs/08e_lrp_composites.ipynb #441d054b
 PRESETS = {f.__name__: f for f in (EpsilonPlus, EpsilonPlusFlat, EpsilonGammaBox, EpsilonAlpha2Beta1, EpsilonAlpha2Beta1Flat, classic)}

@@ -16,7 +16,7 @@ from fastcore.basics import patch
 from .core import jsonable
 from .distributed import init_distributed
 from .jobs import StoreError, chunk_ranges, digest, read_job_manifest, run_chunked_job
-from .lrp import LRPModel, Composite, get_composite, _seed
+from .lrp import LRPModel, Composite, get_composite, output_relevance
 from .relevance_store import check_target, dataset_fingerprint, load_batch, model_fingerprint
 
 # %% auto #0
@@ -92,7 +92,7 @@ def _forward(lrp: LRPModel, x, target, layers, composite=None, masks=None):
             xg = x.detach().requires_grad_(True)
             with torch.enable_grad():
                 out = run(xg)
-                seed = _seed(out, target)
+                seed = output_relevance(out, target)
         finally: cap.remove()
         missing = [n for n in layers if n not in cap.out]
         if missing: raise ValueError(f"`{missing[0]}` was not called in the forward pass")

@@ -15,20 +15,20 @@ from .lrp_graph import LINEAR_TYPES, GRADIENT_METHODS, SHAPE_METHODS, LRPGraph, 
 from .rules import (relevance_filter, LRPContext, redistribute, redistribute_graph, Rule, Epsilon, LRP0, ZPlus,
                                AlphaBeta, Alpha1Beta0, Alpha2Beta1, Gamma, ZBox, Flat, WSquare, Pass, SignalTakesAll, Norm,
                                MaxPoolAsAvg, OnesInput, UniformProduct, CentredNorm, CPAttention, AttnLRP, SoftmaxRule,
-                               attention_rule, _check_top_k, _filter_count)
+                               attention_rule, check_top_k, filter_count)
 from .composites import (CONV_TYPES, ACTIVATION_TYPES, AVGPOOL_TYPES, MAXPOOL_TYPES, NORM_TYPES, GRADIENT_TYPES,
                                     PRESETS, Composite, EpsilonPlus, EpsilonPlusFlat, EpsilonGammaBox, EpsilonAlpha2Beta1,
-                                    EpsilonAlpha2Beta1Flat, Uniform, classic, get_composite, _linear_fn)
-from .canonizers import MergeBatchNorm, _eval_and_out_of_place
+                                    EpsilonAlpha2Beta1Flat, Uniform, classic, get_composite, linear_fn)
+from .canonizers import MergeBatchNorm, eval_and_out_of_place
 
 # %% auto #0
-__all__ = ['LayerRelevance', 'LRPModel', 'CONV_TYPES', 'ACTIVATION_TYPES', 'AVGPOOL_TYPES', 'MAXPOOL_TYPES', 'NORM_TYPES',
-           'GRADIENT_TYPES', 'PRESETS', 'relevance_filter', 'LRPContext', 'redistribute', 'redistribute_graph', 'Rule',
-           'Epsilon', 'LRP0', 'ZPlus', 'AlphaBeta', 'Alpha1Beta0', 'Alpha2Beta1', 'Gamma', 'ZBox', 'Flat', 'WSquare',
-           'Pass', 'SignalTakesAll', 'Norm', 'MaxPoolAsAvg', 'UniformProduct', 'CentredNorm', 'Composite',
-           'EpsilonPlus', 'EpsilonPlusFlat', 'EpsilonGammaBox', 'EpsilonAlpha2Beta1', 'EpsilonAlpha2Beta1Flat',
-           'Uniform', 'OnesInput', 'classic', 'get_composite', 'MergeBatchNorm', 'CPAttention', 'AttnLRP',
-           'SoftmaxRule', 'attention_rule']
+__all__ = ['LayerRelevance', 'output_relevance', 'LRPModel', 'CONV_TYPES', 'ACTIVATION_TYPES', 'AVGPOOL_TYPES', 'MAXPOOL_TYPES',
+           'NORM_TYPES', 'GRADIENT_TYPES', 'PRESETS', 'relevance_filter', 'LRPContext', 'redistribute',
+           'redistribute_graph', 'Rule', 'Epsilon', 'LRP0', 'ZPlus', 'AlphaBeta', 'Alpha1Beta0', 'Alpha2Beta1', 'Gamma',
+           'ZBox', 'Flat', 'WSquare', 'Pass', 'SignalTakesAll', 'Norm', 'MaxPoolAsAvg', 'UniformProduct', 'CentredNorm',
+           'Composite', 'EpsilonPlus', 'EpsilonPlusFlat', 'EpsilonGammaBox', 'EpsilonAlpha2Beta1',
+           'EpsilonAlpha2Beta1Flat', 'Uniform', 'OnesInput', 'classic', 'get_composite', 'MergeBatchNorm',
+           'CPAttention', 'AttnLRP', 'SoftmaxRule', 'attention_rule']
 
 # %% ../nbs/08_lrp.ipynb #ad9ebe65
 # the public names of the rules, composites and canonizers pages, re-exported: `from lrp_scratch.lrp import *` binds them
@@ -96,7 +96,7 @@ class _Node:
     def relevance(self, xs, y, r, graph, shapes):
         mask = self.masks.get(self.name) if self.masks else None
         if mask is not None: r = r * mask  # a condition on this layer's output (concept relevance propagation)
-        k = None if isinstance(self.rule, Pass) else _filter_count(r, self.top_k)
+        k = None if isinstance(self.rule, Pass) else filter_count(r, self.top_k)
         if k is not None and (self.record is not None or self.renormalize or not self.rule.fuses_filter or len(xs) > 1):
             r, k = relevance_filter(r, self.top_k, self.renormalize), None  # filter now (the rule cannot fuse it)
         r_in = self.rule.relevance(self._context(xs, y, graph, k), r)
@@ -206,7 +206,7 @@ class _FunctionAudit(TorchFunctionMode):
             seen.add(f); todo.extend(g for g, _ in f.next_functions)
 
 # %% ../nbs/08_lrp.ipynb #e7f709e4
-def _seed(out: torch.Tensor, target) -> torch.Tensor:
+def output_relevance(out: torch.Tensor, target) -> torch.Tensor:
     "Relevance at the model output."
     out = out.detach()
     if target is None: return torch.softmax(out, dim=1)
@@ -236,7 +236,7 @@ class LRPModel(nn.Module):
                 ):
         super().__init__()
         if not isinstance(model, nn.Module): raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.model, self.top_k, self.renormalize = model, _check_top_k(top_k), renormalize
+        self.model, self.top_k, self.renormalize = model, check_top_k(top_k), renormalize
         self.composite = get_composite(composite) if composite is not None else classic()
         self.cache_params, self._cache, self._graphs, self._checked = cache_params, {}, {}, set()
 
@@ -314,13 +314,13 @@ def _module_outputs(model: nn.Module, run: Callable, x) -> dict:
 @patch
 def _check_output(self: LRPModel, comp: Composite, graph: LRPGraph, x: torch.Tensor, out: torch.Tensor):
     "Once per graph: the explained function must be the model; else raise, naming the first module where the values part."
-    with torch.no_grad(), _eval_and_out_of_place(self.model): ref = self.model(x)
+    with torch.no_grad(), eval_and_out_of_place(self.model): ref = self.model(x)
     err = math.inf
     if isinstance(ref, torch.Tensor) and ref.shape == out.shape:
         err = ((out - ref).abs().max() / ref.abs().max().clamp_min(torch.finfo(ref.dtype).tiny)).item()
     tol = _output_tol(out)
     if err <= tol: return
-    with _eval_and_out_of_place(self.model):
+    with eval_and_out_of_place(self.model):
         want, got = _module_outputs(self.model, self.model, x), _module_outputs(self.model, graph.module, x)
     where = ''
     for node in graph.module.graph.nodes:
@@ -332,7 +332,7 @@ def _check_output(self: LRPModel, comp: Composite, graph: LRPGraph, x: torch.Ten
     if not where:
         folded = ', '.join(f"`{b}` into `{l}`" for b, l in list(graph.folded.items())[:3])
         where = (" The traced graph computes the model, so the difference comes from folding the BatchNorms "
-                 f"({folded}{', ...' if len(graph.folded) > 3 else ''}): pass `canonizers=()` to the composite to keep them.") if graph.folded else ''
+                 f"({folded}{', ...' if len(graph.folded) > 3 else ''}): pass `fold_batchnorm=False` to the composite to keep them.") if graph.folded else ''
     raise UnsupportedOpError(
         f"The function LRP would explain is not the model: on this input its output differs from `model(x)` by {err:.3g} "
         f"(relative to max |model(x)|; rounding allows {tol:.1g}).{where} This happens when the model's forward depends on "
@@ -349,7 +349,7 @@ def rules_applied(self: LRPModel,
                  ):
     "The model with its rules in place, for one forward and its backward: yields (forward, {name: module with a rule})."
     comp = self.composite if composite is None else get_composite(composite)
-    top_k = self.top_k if top_k is None else _check_top_k(top_k)
+    top_k = self.top_k if top_k is None else check_top_k(top_k)
     graph = self._graph(comp)
     key = self._graph_key(comp)
     plan = comp.rules(self.model, graph)
@@ -367,11 +367,11 @@ def rules_applied(self: LRPModel,
         return out
     identity = graph.identity if graph.module is not None else tuple(merged.values())
     with ExitStack() as stack:
-        stack.enter_context(_eval_and_out_of_place(self.model))
+        stack.enter_context(eval_and_out_of_place(self.model))
         for bn in identity: _override_forward(stack, bn, lambda x, *consts: x)  # merged into the previous layer: the identity
         for name, (m, rule) in plan.items():
             if isinstance(m, Linear): params, fn = {}, m.apply  # its weight is computed in each call
-            elif isinstance(m, LINEAR_TYPES): params, fn = self._params(m, rule, merged.get(m)), _linear_fn(m)
+            elif isinstance(m, LINEAR_TYPES): params, fn = self._params(m, rule, merged.get(m)), linear_fn(m)
             else: params, fn = {}, None
             node = _Node(name, m, rule, params, fn, top_k, self.renormalize, record, masks)
             _override_forward(stack, m, _rule_forward(node))
@@ -410,7 +410,7 @@ def explain(self: LRPModel,
                 built = f" It was built for inputs of {size}x{size} (`input_size`): resize or pad the images to that." if size else ''
                 raise ValueError(f"The model cannot run on x of shape {tuple(x.shape)}: {str(e).splitlines()[0]}.{built}") from None
             if not isinstance(out, torch.Tensor): raise TypeError(f"the model returned {type(out).__name__}; LRP needs a tensor output")
-            seed = _seed(out, target)
+            seed = output_relevance(out, target)
             if not out.requires_grad:
                 raise RuntimeError("the model output does not depend on its input through autograd; nothing to explain")
             (r,) = torch.autograd.grad(out, xg, seed)

@@ -14,19 +14,20 @@ from .kernels import stabilized_div, filtered_stabilized_div, relevance_filter a
 from .lrp_graph import Sum, centring
 
 # %% auto #0
-__all__ = ['ATTENTION_RULES', 'relevance_filter', 'LRPContext', 'redistribute', 'redistribute_graph', 'Rule', 'Epsilon', 'LRP0',
-           'ZPlus', 'AlphaBeta', 'Alpha1Beta0', 'Alpha2Beta1', 'Gamma', 'ZBox', 'Flat', 'WSquare', 'Pass',
-           'SignalTakesAll', 'Norm', 'CentredNorm', 'UniformProduct', 'MaxPoolAsAvg', 'CPAttention', 'AttnLRP',
-           'SoftmaxRule', 'attention_rule', 'OnesInput']
+__all__ = ['ATTENTION_RULES', 'check_top_k', 'filter_count', 'relevance_filter', 'LRPContext', 'redistribute',
+           'redistribute_graph', 'Rule', 'Epsilon', 'LRP0', 'ZPlus', 'AlphaBeta', 'Alpha1Beta0', 'Alpha2Beta1', 'Gamma',
+           'ZBox', 'Flat', 'WSquare', 'Pass', 'SignalTakesAll', 'Norm', 'CentredNorm', 'UniformProduct', 'MaxPoolAsAvg',
+           'CPAttention', 'AttnLRP', 'SoftmaxRule', 'attention_rule', 'OnesInput']
 
 # %% ../nbs/08d_lrp_rules.ipynb #8b902fff
-def _check_top_k(top_k):
+def check_top_k(top_k) -> float:
+    "`top_k` as a float, or a clear error: the fraction of relevance values kept per layer, in [0, 1]."
     if isinstance(top_k, bool) or not isinstance(top_k, (int, float)) or not 0 <= top_k <= 1:
         raise ValueError(f"top_k must be a number in [0, 1] (the fraction of relevance values kept per layer; 0 disables "
                          f"the filter), got {top_k!r}")
     return float(top_k)
 
-def _filter_count(r: torch.Tensor, top_k: float) -> int|None:
+def filter_count(r: torch.Tensor, top_k: float) -> int|None:
     "k for a filter of `top_k` on `r` (N, ...), or None when the filter keeps everything."
     if not top_k or r.numel() == 0: return None
     n = r[0].numel()
@@ -38,7 +39,7 @@ def relevance_filter(r: torch.Tensor, # relevance, (N, ...): one row of values p
                      renormalize: bool = False, # rescale the kept values to the per-sample sum before filtering
                     ) -> torch.Tensor:
     "Per sample keep the k = max(1, int(top_k*n)) largest values of `r` and zero the rest (ties: lowest index first)."
-    k = _filter_count(r, _check_top_k(top_k))
+    k = filter_count(r, check_top_k(top_k))
     if k is None: return r
     out = _filter_k(r, k)  # the compiled selection kernel (see Kernels), or its PyTorch reference
     if renormalize:
@@ -123,9 +124,9 @@ class Epsilon(Rule):
         if ctx.graph is not None: return redistribute_graph(*ctx.graph, r, self.epsilon, ctx.k)
         return redistribute(ctx.fn, [(ctx.x, ctx.params['w'], ctx.params['b'])], r, self.epsilon, ctx.k)
 
-def LRP0(zero_bias: bool = False) -> Epsilon:
+class LRP0(Epsilon):
     "LRP-0: `Epsilon(0)`."
-    return Epsilon(0.0, zero_bias=zero_bias)
+    def __init__(self, zero_bias: bool = False): super().__init__(0.0, zero_bias=zero_bias)
 
 # %% ../nbs/08d_lrp_rules.ipynb #32350d4f
 class ZPlus(Rule):
@@ -167,13 +168,13 @@ class AlphaBeta(Rule):
             out = out - self.beta * redistribute(ctx.fn, neg, r, self.stabilizer)
         return out
 
-def Alpha1Beta0(stabilizer: float = 1e-6, zero_bias: bool = False) -> AlphaBeta:
+class Alpha1Beta0(AlphaBeta):
     "LRP-alpha1-beta0 (the same relevance as `ZPlus`)."
-    return AlphaBeta(1.0, 0.0, stabilizer, zero_bias)
+    def __init__(self, stabilizer: float = 1e-6, zero_bias: bool = False): super().__init__(1.0, 0.0, stabilizer, zero_bias)
 
-def Alpha2Beta1(stabilizer: float = 1e-6, zero_bias: bool = False) -> AlphaBeta:
+class Alpha2Beta1(AlphaBeta):
     "LRP-alpha2-beta1."
-    return AlphaBeta(2.0, 1.0, stabilizer, zero_bias)
+    def __init__(self, stabilizer: float = 1e-6, zero_bias: bool = False): super().__init__(2.0, 1.0, stabilizer, zero_bias)
 
 # %% ../nbs/08d_lrp_rules.ipynb #a3bcdba6
 class Gamma(Rule):
