@@ -10,8 +10,8 @@ from torch import nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['IMAGENET_SIZE', 'count_parameters', 'ModelSummary', 'model_summary', 'load_checked', 'copy_state', 'randomise_bn_',
-           'train_loss']
+__all__ = ['IMAGENET_SIZE', 'count_parameters', 'check_image_batch', 'ModelSummary', 'model_summary', 'load_checked',
+           'copy_state', 'randomise_bn_', 'train_loss']
 
 # %% ../nbs/04a_model_common.ipynb #4a000006
 IMAGENET_SIZE = 224  # the input size that selects torchvision's ImageNet head
@@ -22,6 +22,19 @@ def count_parameters(model: nn.Module, # any module
                     ) -> int:
     "Number of scalar parameters in `model` (shared parameters counted once)."
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+def check_image_batch(name: str, # the model's name, for the message
+                      x: torch.Tensor, # what the model was given
+                      in_channels: int, # the channels it takes
+                     ):
+    "Raise a clear error when `x` is not a batch of images (N, C, H, W) with `in_channels` channels (the check every family's `check_input` starts with)."
+    if x.ndim != 4:
+        hint = "; add the batch dimension with x[None]" if x.ndim == 3 else ""
+        raise ValueError(f"{name} expects a batch of images (N, C, H, W), got shape {tuple(x.shape)}{hint}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"{name} expects in_channels={in_channels}, got {x.shape[1]} (input shape {tuple(x.shape)}); "
+                         f"build the model with in_channels={x.shape[1]} or convert the images")
+
 
 # %% ../nbs/04a_model_common.ipynb #92daabaf
 class ModelSummary(list):

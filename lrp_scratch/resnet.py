@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from fastcore.basics import patch
 from fastcore.meta import delegates
-from .model_common import IMAGENET_SIZE, count_parameters, ModelSummary, model_summary, load_checked, copy_state
+from .model_common import IMAGENET_SIZE, count_parameters, ModelSummary, model_summary, load_checked, copy_state, check_image_batch
 
 # %% auto #0
 __all__ = ['RESNET_CFGS', 'RESNET_STEMS', 'RESNET_BLOCKS', 'RESNET_CLASSES', 'resolve_resnet_cfg', 'conv3x3', 'conv1x1',
@@ -227,12 +227,7 @@ class ResNet(nn.Module):
 
     def check_input(self, x: torch.Tensor):
         "Raise a clear error when `x` is not a batch of images this model can take."
-        if x.ndim != 4:
-            hint = "; add the batch dimension with x[None]" if x.ndim == 3 else ""
-            raise ValueError(f"{self.name} expects a batch of images (N, C, H, W), got shape {tuple(x.shape)}{hint}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"{self.name} expects in_channels={self.in_channels}, got {x.shape[1]} (input shape {tuple(x.shape)}); "
-                             f"build the model with in_channels={x.shape[1]} or convert the images")
+        check_image_batch(self.name, x, self.in_channels)
         if min(x.shape[-2:]) < 1: raise ValueError(f"{self.name} got an empty image of size {tuple(x.shape[-2:])}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from torch import nn
 import torch.nn.functional as F
 from fastcore.basics import patch
 from fastcore.meta import delegates
-from .model_common import count_parameters, ModelSummary, model_summary, load_checked, copy_state
+from .model_common import count_parameters, ModelSummary, model_summary, load_checked, copy_state, check_image_batch
 
 # %% auto #0
 __all__ = ['VIT_CFGS', 'VIT_NAMES', 'VIT_DIMS', 'LN_EPS', 'VIT_CLASSES', 'resolve_vit_cfg', 'SelfAttention', 'EncoderBlock',
@@ -230,12 +230,7 @@ class ViT(nn.Module):
 
     def check_input(self, x: torch.Tensor):
         "Raise a clear error when `x` is not a batch of images this model can take."
-        if x.ndim != 4:
-            hint = "; add the batch dimension with x[None]" if x.ndim == 3 else ""
-            raise ValueError(f"{self.name} expects a batch of images (N, C, H, W), got shape {tuple(x.shape)}{hint}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"{self.name} expects in_channels={self.in_channels}, got {x.shape[1]} (input shape {tuple(x.shape)}); "
-                             f"build the model with in_channels={x.shape[1]} or convert the images")
+        check_image_batch(self.name, x, self.in_channels)
         if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(f"{self.name} takes {self.image_size}x{self.image_size} images only (its position embedding has one entry per "
                              f"{self.patch_size}x{self.patch_size} patch), got {x.shape[-2]}x{x.shape[-1]}; resize the images or build it with image_size=")
