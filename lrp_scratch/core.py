@@ -15,7 +15,8 @@ from tqdm.std import tqdm as tqdm_text
 # %% auto #0
 __all__ = ['CPU_BF16_ENV', 'AMP_DTYPES', 'ATOL64', 'RTOL64', 'ATOL32', 'RTOL32', 'ATOL16', 'RTOL16', 'ATOLBF16', 'RTOLBF16',
            'TOLERANCES', 'user_stacklevel', 'get_device', 'cpu_native_bf16', 'autocast_dtype', 'platform_info',
-           'seed_everything', 'tolerance', 'atomic_write', 'atomic_write_text', 'jsonable', 'progress_bar', 'require']
+           'seed_everything', 'tolerance', 'atomic_write', 'atomic_write_text', 'jsonable', 'progress_bar', 'require',
+           'test_contains']
 
 # %% ../nbs/00_core.ipynb #bb2725aa
 _PACKAGE_DIR = None
@@ -190,3 +191,10 @@ def require(module: str, # the module to import
     except ImportError:
         raise ImportError(f"{what} needs {pip_name or module}, which is not installed: pip install 'lrp_scratch[{extra}]' "
                           f"(or pip install {pip_name or module})") from None
+
+# %% ../nbs/00_core.ipynb #f3a9d051
+def test_contains(container, # a string, list, set, dict...
+                  item, # what must be `in` it
+                 ):
+    "Raise `AssertionError` showing both unless `item in container`."
+    if item not in container: raise AssertionError(f"contains:\n{container!r}\ndoes not contain\n{item!r}")
