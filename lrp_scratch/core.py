@@ -15,7 +15,8 @@ from tqdm.std import tqdm as tqdm_text
 # %% auto #0
 __all__ = ['CPU_BF16_ENV', 'AMP_DTYPES', 'ATOL64', 'RTOL64', 'ATOL32', 'RTOL32', 'ATOL16', 'RTOL16', 'ATOLBF16', 'RTOLBF16',
            'TOLERANCES', 'user_stacklevel', 'get_device', 'cpu_native_bf16', 'autocast_dtype', 'platform_info',
-           'seed_everything', 'tolerance', 'atomic_write', 'atomic_write_text', 'jsonable', 'progress_bar', 'require']
+           'seed_everything', 'tolerance', 'atomic_write', 'atomic_write_text', 'jsonable', 'progress_bar', 'require',
+           'test_contains', 'test_equal']
 
 # %% ../nbs/00_core.ipynb #bb2725aa
 _PACKAGE_DIR = None
@@ -190,3 +191,42 @@ def require(module: str, # the module to import
     except ImportError:
         raise ImportError(f"{what} needs {pip_name or module}, which is not installed: pip install 'lrp_scratch[{extra}]' "
                           f"(or pip install {pip_name or module})") from None
+
+# %% ../nbs/00_core.ipynb #f3a9d051
+def test_contains(container, # a string, list, set, dict...
+                  item, # what must be `in` it
+                 ):
+    "Raise `AssertionError` showing both unless `item in container`."
+    if item not in container: raise AssertionError(f"contains:\n{container!r}\ndoes not contain\n{item!r}")
+
+def _tensor_difference(a: torch.Tensor, b: torch.Tensor) -> str|None:
+    "How `a` and `b` differ (None: `torch.equal`)."
+    a, b = a.detach(), b.detach().to(a.device)
+    if a.shape != b.shape: return f"shapes {tuple(a.shape)} != {tuple(b.shape)}"
+    if torch.equal(a, b): return None
+    ne = (a != b).flatten()
+    k = int(ne.nonzero()[0, 0]) if ne.any() else 0
+    idx = tuple(int(i) for i in np.unravel_index(k, tuple(a.shape))) if a.dim() else ()
+    diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    return f"{int(ne.sum())} of {a.numel()} values differ (dtypes {a.dtype}, {b.dtype}); first at {idx}: {a[idx].item()} != {b[idx].item()}; largest difference {diff:g}"
+
+def _first_difference(a, b, at: str = '') -> str|None:
+    "Where and how `a` and `b` first differ (None: equal)."
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        d = _tensor_difference(a, b)
+        return d and f"{at or 'the tensors'}: {d}"
+    if isinstance(a, dict) and isinstance(b, dict):
+        if list(a) != list(b): return f"{at or 'the dicts'}: keys {list(a)} != {list(b)}"
+        return next((d for k in a if (d := _first_difference(a[k], b[k], f"{at}[{k!r}]"))), None)
+    if not isinstance(a, (str, bytes, torch.Tensor)) and not isinstance(b, (str, bytes, torch.Tensor)) and hasattr(a, '__iter__') and hasattr(b, '__iter__'):
+        a, b = list(a), list(b)
+        if len(a) != len(b): return f"{at or 'the sequences'}: lengths {len(a)} != {len(b)}"
+        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := _first_difference(x, y, f"{at}[{i}]"))), None)
+    return None if a == b else f"{at or 'the values'}: {a!r} != {b!r}"
+
+def test_equal(a, # a tensor, or a list, tuple, dict or iterator of them
+               b, # the same kind of thing
+              ):
+    "Raise `AssertionError` naming the first entry that differs unless `a` and `b` are equal as `torch.equal` says (any device, `requires_grad` or not)."
+    d = _first_difference(a, b)
+    if d: raise AssertionError(f"not equal: {d}")
