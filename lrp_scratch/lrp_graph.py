@@ -4,7 +4,7 @@
 
 # %% ../nbs/08b_lrp_graph.ipynb #14fb9f60
 from __future__ import annotations
-import inspect, operator
+import inspect, math, operator
 from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ __all__ = ['LINEAR_TYPES', 'BATCHNORM_TYPES', 'OPS', 'OP_KINDS', 'GRADIENT_FUNCT
            'SOFTMAX_FUNCTIONS', 'UnsupportedOpError', 'standard', 'Op', 'Sum', 'Gate', 'Product', 'Attention',
            'Softmax', 'Concat', 'Constant', 'Activation', 'Pool', 'Normalization', 'centring', 'BatchNorm', 'Move',
            'fold_batchnorm', 'BatchNormParams', 'Linear', 'register_op', 'op_kind', 'attention', 'multi_head_attention',
-           'LRPGraph', 'trace']
+           'window_attention', 'LRPGraph', 'trace']
 
 # %% ../nbs/08b_lrp_graph.ipynb #4679efa4
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -397,6 +397,76 @@ def multi_head_attention(m: nn.MultiheadAttention, query, key, value, key_paddin
     if not m.batch_first: o = o.transpose(0, 1)
     return o, (None if not need_weights else (a.mean(1) if average_attn_weights else a))
 
+# %% ../nbs/08b_lrp_graph.ipynb #a7e11a30
+def _swin_grid(H: int, W: int, window_size, shift_size) -> tuple:
+    "(padded height, padded width, shift) of a Swin window attention on an H x W map: padded to multiples of the window, not shifted along a side the window covers."
+    pH, pW = H + (window_size[0] - H % window_size[0]) % window_size[0], W + (window_size[1] - W % window_size[1]) % window_size[1]
+    return pH, pW, (0 if window_size[0] >= pH else shift_size[0], 0 if window_size[1] >= pW else shift_size[1])
+
+def _swin_windows(x, window_size, shift_size):
+    "Swin's windows of a (B, H, W, C) map: padded, rolled by -shift, cut into (B * windows, wh * ww, C). Data movement."
+    B, H, W, C = x.shape
+    pH, pW, s = _swin_grid(H, W, window_size, shift_size)
+    x = F.pad(x, (0, 0, 0, pW - W, 0, pH - H))
+    if sum(s) > 0: x = torch.roll(x, shifts=(-s[0], -s[1]), dims=(1, 2))
+    x = x.view(B, pH // window_size[0], window_size[0], pW // window_size[1], window_size[1], C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size[0] * window_size[1], C)
+
+def _swin_merge(x, shape, window_size, shift_size):
+    "The inverse of `_swin_windows` for a map of `shape` (B, H, W, C): windows put back, rolled by +shift, the padding cut off."
+    B, H, W, C = shape
+    pH, pW, s = _swin_grid(H, W, window_size, shift_size)
+    x = x.view(B, pH // window_size[0], pW // window_size[1], window_size[0], window_size[1], C)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, pH, pW, C)
+    if sum(s) > 0: x = torch.roll(x, shifts=(s[0], s[1]), dims=(1, 2))
+    return x[:, :H, :W, :].contiguous()
+
+def _swin_mask(shape, window_size, shift_size, dtype, device):
+    "The additive mask (B * windows, 1, N, N) of shifted windows on a map of `shape`: -100 between tokens of different regions (all 0 if not shifted)."
+    B, H, W, _ = shape
+    pH, pW, s = _swin_grid(H, W, window_size, shift_size)
+    nw, N = (pH // window_size[0]) * (pW // window_size[1]), window_size[0] * window_size[1]
+    mask = torch.zeros((pH, pW), dtype=dtype, device=device)
+    if sum(s) == 0: return mask.new_zeros((B * nw, 1, N, N))
+    count = 0
+    for h in ((0, -window_size[0]), (-window_size[0], -s[0]), (-s[0], None)):
+        for w in ((0, -window_size[1]), (-window_size[1], -s[1]), (-s[1], None)):
+            mask[h[0]:h[1], w[0]:w[1]] = count
+            count += 1
+    mask = mask.view(pH // window_size[0], window_size[0], pW // window_size[1], window_size[1]).permute(0, 2, 1, 3).reshape(nw, N)
+    mask = mask.unsqueeze(1) - mask.unsqueeze(2)
+    mask = mask.masked_fill(mask != 0, float(-100.0)).masked_fill(mask == 0, float(0.0))
+    return mask.unsqueeze(1).repeat(B, 1, 1, 1)
+for _f in ('_swin_windows', '_swin_merge', '_swin_mask'): fx.wrap(_f)
+OPS[_swin_windows] = OPS[_swin_merge] = 'move'
+
+def window_attention(input, qkv_weight, proj_weight, relative_position_bias, window_size, num_heads, shift_size,
+                     attention_dropout=0.0, dropout=0.0, qkv_bias=None, proj_bias=None, logit_scale=None, training=True):
+    "torchvision's `shifted_window_attention` (Swin and Swin V2, same arguments) written out: windows, q k v, logits, softmax, `attn @ v`, projection, windows merged."
+    x = _swin_windows(input, window_size, shift_size)  # (B * windows, N, C): padding, roll and partition, one move
+    if logit_scale is not None and qkv_bias is not None:  # V2: no bias on the keys
+        b = qkv_bias.unflatten(0, (3, -1))
+        qkv_bias = torch.cat([b[0], torch.zeros_like(b[1]), b[2]])
+    qkv = F.linear(x, qkv_weight, qkv_bias).unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    if logit_scale is not None:  # V2: cosine attention
+        logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        logits = logits * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:  # the scale as a 0-dim tensor: traced, the head size is a node, and an op's inputs must be tensors
+        logits = (q * (q.new_ones(()) * q.size(-1) ** -0.5)).matmul(k.transpose(-2, -1))
+    logits = logits + relative_position_bias
+    if sum(shift_size) > 0: logits = logits + _swin_mask(input.shape, window_size, shift_size, input.dtype, input.device)
+    a = F.dropout(F.softmax(logits, dim=-1), p=attention_dropout, training=training)
+    o = F.linear(a.matmul(v).transpose(1, 2).flatten(2), proj_weight, proj_bias)
+    return _swin_merge(F.dropout(o, p=dropout, training=training), input.shape, window_size, shift_size)
+
+try:  # torchvision's Swin: its window attention is traced written out, its patch merging pad is data movement
+    from torchvision.models import swin_transformer as _tv_swin
+    SWIN_FUNCTIONS = {_tv_swin.shifted_window_attention: window_attention}
+    OPS[_tv_swin._patch_merging_pad] = 'move'
+except (ImportError, AttributeError): SWIN_FUNCTIONS = {}
+
+
 # %% ../nbs/08b_lrp_graph.ipynb #e65bd7c4
 class LRPGraph(NamedTuple):
     "A model as LRP sees it: its traced graph with every functional op a module, and the BatchNorms folded."
@@ -410,7 +480,7 @@ class LRPGraph(NamedTuple):
     silent: frozenset = frozenset()  # call_module targets that receive no relevance (they compute gates, scales, normalisers)
 
 class _Tracer(fx.Tracer):
-    "torch.fx's tracer; modules given a rule by type or by name stay leaves too, unless they compute something else than their type. Attention is traced written out: `nn.MultiheadAttention` through `multi_head_attention`, `F.scaled_dot_product_attention` through `attention`."
+    "torch.fx's tracer; modules given a rule by type or by name stay leaves too, unless they compute something else than their type. Attention is traced written out: `nn.MultiheadAttention` through `multi_head_attention`, `F.scaled_dot_product_attention` through `attention`, torchvision's Swin attention through `window_attention`."
     def __init__(self, leaf_types=(), leaf_names=()):
         super().__init__()
         self.leaf_types, self.leaf_names = tuple(leaf_types), set(leaf_names)
@@ -425,6 +495,7 @@ class _Tracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
     def create_proxy(self, kind, target, args, kwargs, *rest, **kw):
         if kind == 'call_function' and target is F.scaled_dot_product_attention: return attention(*args, **kwargs)
+        if kind == 'call_function' and target in SWIN_FUNCTIONS: return SWIN_FUNCTIONS[target](*args, **kwargs)
         return super().create_proxy(kind, target, args, kwargs, *rest, **kw)
 
 def _where(n: fx.Node) -> str:
