@@ -22,6 +22,7 @@ def load_libraries():
     from lrp_scratch.data_loaders import DATASETS, DatasetFileError, InMemoryDataset, TensorLoader, loader
     from lrp_scratch.factory import COMPOSITES, MODELS, build_model, load_datasets, load_image, make_composite, model_from_checkpoint
     from lrp_scratch.factory import imagenet_composite, load_imagenet_image, top_classes, torchvision_model, torchvision_preprocessing
+    from lrp_scratch.factory import load_timm_image, timm_model, timm_preprocessing
     from lrp_scratch.optimizers import OPTIMIZERS
     from lrp_scratch.trainers import CHECKPOINT_FORMAT, CheckpointError, History, MPTrainer, Trainer, load_checkpoint
     from lrp_scratch.testers import Tester, TestReport
@@ -210,6 +211,8 @@ def _torchvision_args(p):
     g = p.add_argument_group('torchvision models (instead of a checkpoint)')
     g.add_argument('--torchvision', type=torchvision_name, metavar='NAME',
                    help="explain torchvision.models.NAME (resnet50, vgg16, densenet121, ...; `--image` only) instead of a checkpoint")
+    g.add_argument('--timm', metavar='NAME', help="or timm's model NAME (resnet18, vit_tiny_patch16_224, ...; "
+                   "timm.list_models() lists them; needs the timm package), with timm's own preprocessing (--resize/--crop are for --torchvision)")
     g.add_argument('--weights', metavar='FILE', help='its weights: a state dict saved with torch.save(model.state_dict(), FILE) '
                    '(without --weights: random weights, said clearly; nothing is ever downloaded)')
     g.add_argument('--num-classes', type=positive_int, default=1000, metavar='N', help='the classes of the model the weights are for (default: %(default)s)')
@@ -357,12 +360,12 @@ def png_destination(out: str|None, # --out as given (None: `default`)
 def _warn_blank(r: torch.Tensor, args):
     "Say on stderr when the heatmap will be blank (all-zero relevance), why, and what to try."
     if not is_blank(r): return
-    fix = ('; here the model has RANDOM weights: pass --weights FILE' if getattr(args, 'torchvision', None) and args.weights is None else '')
+    fix = ('; here the model has RANDOM weights: pass --weights FILE' if (getattr(args, 'torchvision', None) or getattr(args, 'timm', None)) and args.weights is None else '')
     print(f"lrp-scratch explain: warning: {BLANK_HEATMAP} (--target, --composite){fix}", file=sys.stderr)
 
 def cmd_explain(args) -> int:
     "lrp-scratch explain: a checkpoint and an image file (or a test-set index) -> the image and its heatmap in a PNG."
-    if getattr(args, 'torchvision', None): return cmd_explain_torchvision(args)
+    if getattr(args, 'torchvision', None) or getattr(args, 'timm', None): return cmd_explain_torchvision(args)
     if args.checkpoint is None: raise CLIError("give a checkpoint (a checkpoint.pt of lrp-scratch train or demo) or --torchvision NAME")
     stem = Path(args.image).stem if args.image is not None else f"{args.dataset}_test_{args.index}"
     dest = png_destination(args.out, Path(args.checkpoint).parent/f"explain_{stem}.png")  # before any work
@@ -394,20 +397,33 @@ def cmd_explain(args) -> int:
 
 # %% ../nbs/14_cli.ipynb #bb08e0fc
 def cmd_explain_torchvision(args) -> int:
-    "lrp-scratch explain --torchvision NAME [--weights FILE] --image FILE: the top-5 classes and the heatmap PNG of a torchvision model."
-    if args.checkpoint is not None: raise CLIError(f"give a checkpoint ({args.checkpoint}) or --torchvision {args.torchvision}, not both")
-    if args.image is None: raise CLIError("--torchvision explains an image file: give --image FILE (--index is for checkpoints' test sets)")
-    name, device = args.torchvision, _device(args.device)
+    "lrp-scratch explain --torchvision NAME (or --timm NAME) [--weights FILE] --image FILE: the top-5 classes and the heatmap PNG of the model."
+    flag, name = ('--timm', args.timm) if getattr(args, 'timm', None) else ('--torchvision', args.torchvision)
+    if args.torchvision and getattr(args, 'timm', None): raise CLIError(f"give --torchvision {args.torchvision} or --timm {args.timm}, not both")
+    if args.checkpoint is not None: raise CLIError(f"give a checkpoint ({args.checkpoint}) or {flag} {name}, not both")
+    if args.image is None: raise CLIError(f"{flag} explains an image file: give --image FILE (--index is for checkpoints' test sets)")
+    device = _device(args.device)
     dest = png_destination(args.out, Path(f"explain_{Path(args.image).stem}_{name}.png"))  # before any work
-    pre = torchvision_preprocessing(name)
-    resize, crop = args.resize or pre['resize'], args.crop or pre['crop']
-    if crop > resize: raise CLIError(f"--crop {crop} is larger than the resized image ({resize}); give --resize >= --crop")
-    x, shown = load_imagenet_image(args.image, resize, crop, pre['mean'], pre['std'])
-    model = torchvision_model(name, args.weights, args.num_classes, args.seed).to(device)
+    if flag == '--timm':
+        if args.resize or args.crop: raise CLIError("--resize and --crop are for --torchvision; --timm uses timm's own preprocessing of the model")
+        try: model = timm_model(name, args.weights, args.num_classes, args.seed)
+        except ImportError as e: raise CLIError(str(e)) from None
+        transform, cfg = timm_preprocessing(model)
+        x, shown = load_timm_image(args.image, transform, cfg)
+        model = model.to(device)
+        pre = dict(mean=cfg['mean'], std=cfg['std'], categories=None, resize=f"{cfg['input_size'][-1]} ({cfg['interpolation']}, crop_pct {cfg['crop_pct']})")
+        resize, crop, source = pre['resize'], x.shape[-1], f"timm.create_model({name!r}, pretrained=True)"
+    else:
+        pre = torchvision_preprocessing(name)
+        resize, crop = args.resize or pre['resize'], args.crop or pre['crop']
+        if crop > resize: raise CLIError(f"--crop {crop} is larger than the resized image ({resize}); give --resize >= --crop")
+        x, shown = load_imagenet_image(args.image, resize, crop, pre['mean'], pre['std'])
+        model = torchvision_model(name, args.weights, args.num_classes, args.seed).to(device)
+        source = f"torchvision.models.{name}(weights='DEFAULT')"
     if args.weights is None:
-        print(f"lrp-scratch explain: warning: no --weights, so torchvision's {name} has RANDOM weights (seed {args.seed}): its classes and "
+        print(f"lrp-scratch explain: warning: no --weights, so {name} has RANDOM weights (seed {args.seed}): its classes and "
               f"heatmap mean nothing. Pass --weights FILE, a state dict saved where there is a network with "
-              f"torch.save(torchvision.models.{name}(weights='DEFAULT').state_dict(), FILE)", file=sys.stderr)
+              f"torch.save({source}.state_dict(), FILE)", file=sys.stderr)
     r, out = lrp.LRPModel(model, top_k=args.top_k, composite=imagenet_composite(args.composite, pre['mean'], pre['std'])).explain(
         x.to(device), target=None if args.target == 'softmax' else args.target)
     cats = pre['categories'] if pre['categories'] is not None and len(pre['categories']) == out.shape[1] else None

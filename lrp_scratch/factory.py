@@ -5,7 +5,7 @@
 # %% ../nbs/13a_factory.ipynb #f4c70a03
 from __future__ import annotations
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -19,7 +19,8 @@ from .trainers import CHECKPOINT_FORMAT, CheckpointError, check_state_dict, load
 # %% auto #0
 __all__ = ['MODELS', 'COMPOSITES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'load_datasets', 'build_model', 'model_from_checkpoint',
            'load_image', 'make_composite', 'torchvision_classifiers', 'torchvision_preprocessing',
-           'load_imagenet_image', 'load_state_dict_file', 'torchvision_model', 'imagenet_composite', 'top_classes']
+           'load_imagenet_image', 'load_state_dict_file', 'torchvision_model', 'timm_model', 'timm_preprocessing',
+           'load_timm_image', 'imagenet_composite', 'top_classes']
 
 # %% ../nbs/13a_factory.ipynb #c6feb3ff
 def _take(ds: InMemoryDataset, n: int, seed: int) -> InMemoryDataset:
@@ -204,6 +205,55 @@ def torchvision_model(name: str, # a torchvision classification model, e.g. 'res
                            "--num-classes sets the classes") from None
         model.load_state_dict(sd)
     return model.eval()
+
+# %% ../nbs/13a_factory.ipynb #7a1c0e01
+def _timm():
+    "The timm package, imported when it is used (an optional dependency), or one paragraph saying how to get it."
+    try: import timm
+    except ImportError: raise ModuleNotFoundError("--timm needs the timm package, which is not installed: pip install timm "
+                                                  "(then timm.list_models() lists the model names, e.g. timm.list_models('resnet*'))") from None
+    return timm
+
+def timm_model(name: str, # a timm model, e.g. 'resnet18' or 'vit_tiny_patch16_224'
+               weights: str|Path|None = None, # a state dict file; None: random weights (nothing is downloaded)
+               num_classes: int = 1000, # the outputs of the model the weights are for
+               seed: int = 0, # random weights: their seed (the global RNG is left alone)
+              ) -> torch.nn.Module:
+    "`timm.create_model(name, pretrained=False, num_classes=...)` with the weights of the file (or seeded random ones); in eval mode."
+    import difflib
+    timm = _timm()
+    names = timm.list_models()
+    if name not in names:
+        near = difflib.get_close_matches(name, names, n=4, cutoff=0.6)
+        raise ValueError(f"{name!r} is not a timm model" + (f" (did you mean {', '.join(near)}?)" if near else '') +
+                         f". timm {timm.__version__} has {len(names):,} models: timm.list_models('*vit*') lists those with 'vit' in the name "
+                         "(python -c \"import timm; print(timm.list_models('resnet*'))\")")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    if weights is not None:
+        sd = load_state_dict_file(weights)
+        try: check_state_dict(model, sd, f"weights file {weights}")
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; is it the state dict of timm.create_model({name!r}, num_classes={num_classes})? --num-classes sets the classes") from None
+        model.load_state_dict(sd)
+    return model.eval()
+
+def timm_preprocessing(model: torch.nn.Module, # a timm model (its `pretrained_cfg` says how its images were prepared)
+                      ) -> tuple[Callable, dict]:
+    "timm's evaluation transform for `model` (`resolve_data_config` + `create_transform`: PIL image -> normalised tensor) and its data config."
+    timm = _timm()
+    import timm.data
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return timm.data.create_transform(**cfg), cfg
+
+def load_timm_image(path: str|Path, # a PNG, JPEG, ... file (any size, colour or grey)
+                    transform: Callable, cfg: dict, # from `timm_preprocessing`
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    "An image file as a timm model's input `(1, 3, H, W)` (timm's transform); also the same crop in [0, 1] (the normalisation undone)."
+    x = transform(_open_rgb(Path(path)))[None]
+    m, s = torch.tensor(cfg['mean']).view(1, -1, 1, 1), torch.tensor(cfg['std']).view(1, -1, 1, 1)
+    return x, (x * s + m).clamp(0, 1)
 
 # %% ../nbs/13a_factory.ipynb #da89368a
 def imagenet_composite(name: str, # one of `COMPOSITES`
