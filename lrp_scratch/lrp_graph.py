@@ -10,462 +10,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.fx as fx
+from .lrp_ops import *
+
 
 # %% auto #0
-__all__ = ['LINEAR_TYPES', 'BATCHNORM_TYPES', 'OPS', 'OP_KINDS', 'GRADIENT_FUNCTIONS', 'GRADIENT_METHODS', 'IDENTITY_FUNCTIONS',
-           'SHAPE_METHODS', 'MAXPOOL_MODULES', 'SQUASH_MODULES', 'INPLACE', 'NONPATH_METHODS', 'NONPATH_FUNCTIONS',
-           'SOFTMAX_FUNCTIONS', 'UnsupportedOpError', 'standard', 'Op', 'Sum', 'Gate', 'Product', 'Attention',
-           'Softmax', 'Concat', 'Constant', 'Activation', 'Pool', 'Normalization', 'centring', 'BatchNorm', 'Move',
-           'fold_batchnorm', 'BatchNormParams', 'Linear', 'register_op', 'op_kind', 'attention', 'multi_head_attention',
-           'window_attention', 'LRPGraph', 'trace']
+__all__ = ['NONPATH_METHODS', 'NONPATH_FUNCTIONS', 'SOFTMAX_FUNCTIONS', 'LRPGraph', 'trace', 'LINEAR_TYPES', 'BATCHNORM_TYPES',
+           'UnsupportedOpError', 'standard', 'Op', 'Sum', 'Gate', 'Product', 'Attention', 'Softmax', 'Concat',
+           'Constant', 'Activation', 'Pool', 'Normalization', 'centring', 'BatchNorm', 'Move', 'fold_batchnorm',
+           'BatchNormParams', 'Linear', 'OPS', 'register_op', 'OP_KINDS', 'GRADIENT_FUNCTIONS', 'GRADIENT_METHODS',
+           'IDENTITY_FUNCTIONS', 'SHAPE_METHODS', 'MAXPOOL_MODULES', 'SQUASH_MODULES', 'INPLACE', 'op_kind',
+           'attention', 'multi_head_attention', 'window_attention']
 
-# %% ../nbs/08b_lrp_graph.ipynb #4679efa4
-LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-class UnsupportedOpError(TypeError):
-    "An operation in a model's forward that LRP has no rule for."
-
-def standard(m: nn.Module) -> bool:
-    "Does `m` compute what its `torch.nn` base class computes? False for a subclass with a `forward` of its own (timm's `ScaledStdConv2d`, `BatchNormAct2d`)."
-    base = next((c for c in type(m).__mro__ if c.__module__.startswith('torch.nn.')), None)
-    if base is None or base is nn.Module: return False
-    return all(getattr(type(m), a, None) is getattr(base, a, None) for a in ('forward', '_conv_forward'))
-
-# %% ../nbs/08b_lrp_graph.ipynb #a56c6ccc
-class _Arg(NamedTuple):
-    i: int  # where the i-th input tensor of an `Op` goes in its call
-
-def _fill(a, xs):
-    if isinstance(a, _Arg): return xs[a.i]
-    if isinstance(a, (tuple, list)): return type(a)(_fill(v, xs) for v in a)
-    if isinstance(a, dict): return {k: _fill(v, xs) for k, v in a.items()}
-    return a
-
-def _fn_name(fn) -> str:
-    "How people write `fn`: operator.add, F.relu, torch.cat, Tensor.mean."
-    if isinstance(fn, str): return f"Tensor.{fn}"
-    mod, name = getattr(fn, '__module__', None) or '', getattr(fn, '__name__', repr(fn))
-    if mod == '_operator': return f"operator.{name}"
-    if mod.startswith('torch.nn.functional'): return f"F.{name}"
-    if mod == 'torch' or mod.startswith('torch.'): return f"torch.{name}"
-    return f"{mod}.{name}" if mod else name
-
-def _call(fn, args, kwargs):
-    if isinstance(fn, str): return getattr(args[0], fn)(*args[1:], **kwargs)
-    return fn(*args, **kwargs)
-
-class Op(nn.Module):
-    "A functional operation of a model's forward (`a + b`, `F.relu(x)`, `x.mean((2, 3))`) as a module, so that it can have a rule."
-    kind = 'function'
-    def __init__(self, fn: Callable|str, # the operation (a method name for Tensor methods)
-                 args: tuple = (), kwargs: dict|None = None, # its arguments; `_Arg(i)` marks where the i-th input goes
-                 path: tuple = (0,), # indices of the inputs that carry relevance (the others: parameters, buffers, constants of the call)
-                ):
-        super().__init__()
-        self.fn, self.args, self.kwargs, self.path = fn, tuple(args), dict(kwargs or {}), tuple(path)
-    def forward(self, *xs): return _call(self.fn, *self.call(xs))
-    def call(self, xs) -> tuple:
-        "(args, kwargs) of the call with inputs xs."
-        return _fill(self.args, xs), _fill(self.kwargs, xs)
-    @property
-    def label(self) -> str: return _fn_name(self.fn)
-    def extra_repr(self) -> str: return self.label
-
-# %% ../nbs/08b_lrp_graph.ipynb #08588cc9
-class Sum(Op):
-    "y = sum_k c_k x_k over tensors that all carry relevance: residual adds, `a - b`, sums of more than two."
-    kind = 'sum'
-    def __init__(self, coefficients: tuple, label: str = 'operator.add'):
-        nn.Module.__init__(self)
-        self.coefficients = tuple(float(c) for c in coefficients)
-        self.path, self._label = tuple(range(len(self.coefficients))), label
-    @property
-    def label(self): return self._label
-    @staticmethod
-    def term(x, c): return x if c == 1 else (-x if c == -1 else c * x)
-    def forward(self, *xs):
-        y = self.term(xs[0], self.coefficients[0])
-        for x, c in zip(xs[1:], self.coefficients[1:]): y = y + x if c == 1 else (y - x if c == -1 else y + c * x)
-        return y
-    def extra_repr(self): return ' + '.join(f"{c:g}*x{i}" for i, c in enumerate(self.coefficients))
-
-class Gate(Op):
-    "y = signal * gate, the gate computed from the signal through a bounded squashing function (sigmoid, softmax, ...)."
-    kind = 'gate'
-    def __init__(self, signal: int, label: str = 'operator.mul'): # signal: the signal's position in the product (0 or 1)
-        nn.Module.__init__(self)
-        self.path, self._label = (signal,), label
-    @property
-    def label(self): return self._label
-    def forward(self, a, b):
-        y = a * b
-        s = (a, b)[self.path[0]]
-        if y.shape != s.shape:
-            raise UnsupportedOpError(f"the gate `{self._label}` multiplies a signal of shape {tuple(s.shape)} into a product of shape "
-                                     f"{tuple(y.shape)}: the signal (the factor the other is computed from) must have the product's shape")
-        return y
-    def extra_repr(self): return f"signal=x{self.path[0]}"
-
-class Product(Op):
-    "A product of two tensors that both carry relevance (`a * b`, `a @ b` of two branches): the composite's `product_rule`."
-    kind = 'product'
-
-class Attention(Op):
-    "The attention probabilities (a softmax's output) times the values, `A @ V` or `torch.einsum(eq, A, V)`: the composite's `attention_rule`."
-    kind = 'attention'
-    def __init__(self, fn: Callable|str, args: tuple, kwargs: dict|None, values: int, # the values' position (0 or 1)
-                 mode: str = 'cp', # 'cp': only the values carry relevance (A is a constant of the call); 'attnlrp': both factors
-                ):
-        super().__init__(fn, args, kwargs, (values,) if mode == 'cp' else (0, 1))
-        self.values, self.mode = values, mode
-    def extra_repr(self): return f"{self.label}, values=x{self.values}, {self.mode}"
-
-class Softmax(Op):
-    "A softmax that receives relevance (AttnLRP, or a softmax at the output): the composite's `softmax_rule`."
-    kind = 'softmax'
-
-class Concat(Op):
-    "torch.cat: each input gets its slice of the relevance (the gradient)."
-    kind = 'cat'
-
-class Constant(Op):
-    "A tensor combined with a constant of the call (a parameter, buffer or number): `x * layer_scale`, `x / 2`, `x + pos_embedding`."
-    kind = 'constant'
-
-class Activation(Op):
-    "An element-wise non-linearity called as a function: `F.relu`, `torch.sigmoid`, `x.relu_()`."
-    kind = 'activation'
-
-class Pool(Op):
-    "A parameter-free linear map called as a function: `x.mean((2, 3))`, `F.adaptive_avg_pool2d`, `x.sum(1)`, `F.interpolate`."
-    kind = 'pool'
-
-class Normalization(Op):
-    "A normalisation (`F.layer_norm`, `F.group_norm`, `x / x.norm(...)`, `x * rsqrt(...)`): the normaliser is a constant of the call."
-    kind = 'norm'
-
-def centring(module: nn.Module, xs: tuple) -> Callable|None:
-    "v -> the normalisation of v with its normaliser 1/sigma held constant (a linear map: centring, scale, shift); None where it does not centre."
-    import inspect as _inspect
-    if isinstance(module, Normalization) and module.fn in (F.layer_norm, F.group_norm, F.instance_norm):
-        args, kwargs = module.call(xs)
-        a = _inspect.signature(module.fn).bind(*args, **kwargs).arguments
-        if module.fn is F.layer_norm: how, dims = 'layer', len(tuple(a['normalized_shape']))
-        elif module.fn is F.group_norm: how, dims = 'group', a['num_groups']
-        else:
-            if a.get('running_mean') is not None and not a.get('use_input_stats', True): return None
-            how, dims = 'group', None
-        w, b, eps = a.get('weight'), a.get('bias'), a.get('eps', 1e-5)
-    elif isinstance(module, nn.LayerNorm): how, dims, w, b, eps = 'layer', len(module.normalized_shape), module.weight, module.bias, module.eps
-    elif isinstance(module, nn.GroupNorm): how, dims, w, b, eps = 'group', module.num_groups, module.weight, module.bias, module.eps
-    elif isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)) and module.running_mean is None:
-        how, dims, w, b, eps = 'group', None, module.weight, module.bias, module.eps
-    else: return None
-    def f(v):
-        if how == 'layer': vr, red = v, tuple(range(v.dim() - dims, v.dim()))
-        else: vr, red = v.reshape(v.shape[0], dims or v.shape[1], -1), (-1,)
-        sd = torch.sqrt(vr.var(red, keepdim=True, unbiased=False) + eps).detach()  # the normaliser: a constant of the call
-        y = ((vr - vr.mean(red, keepdim=True)) / sd).reshape(v.shape)
-        shape = w.shape if how == 'layer' and w is not None else (1, -1) + (1,) * (v.dim() - 2)
-        if w is not None: y = y * w.reshape(shape)
-        if b is not None: y = y + (b.reshape(shape) if how != 'layer' else b)
-        return y
-    return f
-
-class BatchNorm(Op):
-    "`F.batch_norm` in eval mode: a per-channel affine map, folded into the linear map before it where it can be."
-    kind = 'batchnorm'
-    def __init__(self, eps: float, present: tuple): # present: which of (mean, var, weight, bias) are inputs, in that order after x
-        nn.Module.__init__(self)
-        self.eps, self.present, self.path = float(eps), tuple(bool(p) for p in present), (0,)
-    @property
-    def label(self): return 'F.batch_norm'
-    def tensors(self, xs) -> list:
-        "[mean, var, weight, bias] of this call (None where absent)."
-        it = iter(xs[1:])
-        return [next(it) if p else None for p in self.present]
-    def forward(self, *xs): return F.batch_norm(xs[0], *self.tensors(xs), False, 0., self.eps)
-    def extra_repr(self): return f"eps={self.eps:g}"
-
-class Move(Op):
-    "Data movement written as an assignment, `y[:, :c] = v` (out of place here): each value's relevance goes where the value went."
-    kind = 'move'
-
-# %% ../nbs/08b_lrp_graph.ipynb #5b1c7e20
-def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor|None, # the linear map's parameters (output channels first)
-                   mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor|None, beta: torch.Tensor|None, eps: float, # the BatchNorm's
-                  ) -> tuple:
-    "(weight, bias) of a linear map followed by a batch norm in eval mode, as one map: W s, (b - mean) s + beta with s = gamma / sqrt(var + eps)."
-    scale = (gamma if gamma is not None else torch.ones_like(var)) / torch.sqrt(var + eps)
-    b = bias if bias is not None else torch.zeros_like(mean)
-    w = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
-    return w, (b - mean) * scale + (beta if beta is not None else 0)
-
-class BatchNormParams(NamedTuple):
-    "The tensors of a batch norm (a module's, or those a functional `F.batch_norm` is called with), for folding."
-    running_mean: torch.Tensor
-    running_var: torch.Tensor
-    weight: torch.Tensor|None
-    bias: torch.Tensor|None
-    eps: float
-    def fold(self, weight, bias): return fold_batchnorm(weight, bias, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
-
-_CONV = {1: (F.conv1d, nn.Conv1d), 2: (F.conv2d, nn.Conv2d), 3: (F.conv3d, nn.Conv3d)}
-
-class Linear(Op):
-    "A linear map called as a function with a constant weight: `F.conv2d(x, w)`, `F.linear`, `x @ W`; the weight may be computed (standardised, blur filters)."
-    kind = 'linear'
-    def __init__(self, form: str, # 'conv1d'/'conv2d'/'conv3d', 'linear', 'matmul' (x @ w), 'rmatmul' (w @ x), 'einsum' (options: equation, x_first)
-                 weight: int, bias: int|None = None, # positions of the weight and bias among the inputs (input 0 is x)
-                 options: dict|None = None, label: str = ''):
-        nn.Module.__init__(self)
-        self.form, self.weight_at, self.bias_at, self.options, self._label = form, weight, bias, dict(options or {}), label
-        self.path, self.bn, self.bn_at = (0,), None, ()
-        self.as_type = _CONV[int(form[4])][1] if form.startswith('conv') else nn.Linear  # the layer type whose rules it gets
-    @property
-    def label(self): return self._label or self.form
-    def fold(self, at: tuple, eps: float):
-        "Fold the batch norm whose (mean, var, weight, bias) are the inputs at positions `at` (None: absent) into `weights`."
-        self.bn_at, self.bn = tuple(at), float(eps)
-    def apply(self, x, w, b=None):
-        "The map with weight w and bias b."
-        if self.form.startswith('conv'): return _CONV[int(self.form[4])][0](x, w, b, **self.options)
-        if self.form == 'linear': return F.linear(x, w, b)
-        if self.form == 'einsum':
-            eq = self.options['equation']
-            y = torch.einsum(eq, x, w) if self.options['x_first'] else torch.einsum(eq, w, x)
-            return y if b is None else y + b
-        y = x @ w if self.form == 'matmul' else w @ x
-        return y if b is None else y + b
-    def weights(self, xs) -> tuple:
-        "(weight, bias) of this call, with the folded batch norm merged in."
-        w = xs[self.weight_at]
-        b = xs[self.bias_at] if self.bias_at is not None else None
-        if self.bn is not None:
-            t = [xs[i] if i is not None else None for i in self.bn_at]
-            w, b = fold_batchnorm(w, b, t[0], t[1], t[2], t[3], self.bn)
-        return w, b
-    def forward(self, *xs):  # the model's own computation (the batch norm, if folded, still runs after it)
-        return self.apply(xs[0], xs[self.weight_at], xs[self.bias_at] if self.bias_at is not None else None)
-    def extra_repr(self): return f"{self.label}, as {self.as_type.__name__}" + (", batch norm folded" if self.bn is not None else '')
-
-# %% ../nbs/08b_lrp_graph.ipynb #c0d7bb03
-OPS = {}  # function, or Tensor method name -> its kind (what it computes with the tensors that carry relevance)
-
-def register_op(fn: Callable|str, # a function, or the name of a Tensor method
-                kind: str, # one of OP_KINDS
-               ):
-    "Tell the graph pass what `fn` computes (e.g. `register_op(my_shuffle, 'move')`); calls of `fn` then get that kind's rule."
-    if kind not in OP_KINDS: raise ValueError(f"unknown op kind {kind!r}; the kinds: {', '.join(OP_KINDS)}")
-    OPS[fn] = kind
-
-OP_KINDS = {
-    'move': "data movement (reshapes, permutations, indexing, padding): the gradient moves each value's relevance with it",
-    'identity': "the identity in eval mode (dropout, stochastic depth): removed",
-    'cat': "concatenation: `Concat`, each input its slice",
-    'activation': "element-wise non-linearity: `Activation`, the activation rule",
-    'squash': "a bounded element-wise or softmax squashing (sigmoid, tanh, hard-sigmoid, softmax, relu6): makes a product a gate (a softmax: an attention product); if it receives relevance itself, an activation (a softmax: `Softmax`, the softmax rule)",
-    'pool': "a parameter-free linear map (means, sums, average pools, interpolation): `Pool`, the pool rule",
-    'maxpool': "max pooling: becomes the torch.nn module, the max-pool rule",
-    'linear': "a linear map with a constant weight (functional conv, `F.linear`, `x @ W`): `Linear`, the layer rules by type",
-    'batchnorm': "a batch norm in eval mode: folded into the linear map before it, else `BatchNorm`, the batchnorm rule",
-    'norm': "a normalisation (`F.layer_norm`, `F.group_norm`, ...): `Normalization`, the norm rule",
-    'normaliser': "computes a normaliser (norm, std, var, rsqrt): divisions and products by it are normalisations",
-    'add': "a + b", 'sub': "a - b", 'mul': "a * b", 'div': "a / b", 'neg': "-a", 'matmul': "a @ b", 'addcmul': "torch.addcmul",
-    'einsum': "torch.einsum of two operands: a linear map when one is a constant, else a product (an attention product when one comes from a softmax)",
-}
-
-# data movement: the gradient moves relevance with its value
-GRADIENT_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.swapaxes, torch.movedim,
-                      torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, torch.unbind, torch.narrow, torch.select,
-                      torch.t, torch.stack, operator.getitem, torch.clone, torch.unflatten, torch.roll, torch.flip, F.pad,
-                      F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle, torch.tensor_split, torch.hsplit, torch.vsplit}
-GRADIENT_METHODS = {'view', 'view_as', 'reshape', 'reshape_as', 'flatten', 'unflatten', 'permute', 'transpose', 'swapaxes',
-                    'movedim', 't', 'contiguous', 'chunk', 'split', 'unbind', 'squeeze', 'unsqueeze', 'expand', 'expand_as',
-                    'repeat', 'narrow', 'select', 'clone', 'to', 'type_as', 'float', 'double', 'half', 'bfloat16', 'roll', 'flip',
-                    'tensor_split'}
-IDENTITY_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
-try:
-    from torchvision.ops import stochastic_depth as _sd
-    IDENTITY_FUNCTIONS.add(_sd)
-except ImportError: pass
-SHAPE_METHODS = {'size', 'dim', 'numel', 'ndimension', 'nelement', 'stride', 'is_contiguous', 'get_device'}  # never tensors
-
-_TABLE = {
-    'move': GRADIENT_FUNCTIONS | GRADIENT_METHODS,
-    'identity': IDENTITY_FUNCTIONS,
-    'cat': {torch.cat, torch.concat, torch.concatenate, 'cat'},
-    'activation': {F.relu, torch.relu, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
-                   F.softplus, F.softsign, torch.relu_, F.relu_, F.leaky_relu_, F.elu_, F.prelu, F.rrelu, torch.clamp, torch.clip,
-                   'relu', 'relu_', 'clamp_min', 'clamp_min_', 'clamp', 'clamp_', 'clip', 'clip_', 'gelu', 'silu', 'leaky_relu'},
-    'squash': {F.sigmoid, torch.sigmoid, F.tanh, torch.tanh, F.hardsigmoid, F.hardtanh, F.hardtanh_, F.relu6, F.softmax,
-               torch.softmax, 'sigmoid', 'sigmoid_', 'tanh', 'tanh_', 'softmax'},
-    'pool': {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-             torch.mean, torch.sum, F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear, 'mean', 'sum'},
-    'maxpool': {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d},
-    'linear': {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, F.linear},
-    'batchnorm': {F.batch_norm},
-    'norm': {F.layer_norm, F.group_norm, F.instance_norm, F.rms_norm, F.normalize, F.local_response_norm},
-    'normaliser': {torch.norm, torch.linalg.vector_norm, torch.linalg.norm, torch.std, torch.var, torch.rsqrt, torch.sqrt,
-                   torch.reciprocal, 'norm', 'std', 'var', 'rsqrt', 'sqrt', 'reciprocal', 'rsqrt_', 'sqrt_', 'reciprocal_'},
-    'add': {operator.add, operator.iadd, torch.add, 'add', 'add_', '__add__', '__radd__', '__iadd__'},
-    'sub': {operator.sub, operator.isub, torch.sub, 'sub', 'sub_', '__sub__', '__isub__'},
-    'mul': {operator.mul, operator.imul, torch.mul, 'mul', 'mul_', '__mul__', '__rmul__', '__imul__'},
-    'div': {operator.truediv, operator.itruediv, torch.div, 'div', 'div_', '__truediv__', '__itruediv__'},
-    'neg': {operator.neg, torch.neg, 'neg', '__neg__'},
-    'matmul': {operator.matmul, torch.matmul, torch.mm, torch.bmm, 'matmul', 'mm', 'bmm', '__matmul__'},
-    'addcmul': {torch.addcmul, 'addcmul'},
-    'einsum': {torch.einsum},
-}
-for _k, _fns in _TABLE.items():
-    for _f in _fns: OPS[_f] = _k
-MAXPOOL_MODULES = {F.max_pool1d: nn.MaxPool1d, F.max_pool2d: nn.MaxPool2d, F.max_pool3d: nn.MaxPool3d,
-                   F.adaptive_max_pool1d: nn.AdaptiveMaxPool1d, F.adaptive_max_pool2d: nn.AdaptiveMaxPool2d,
-                   F.adaptive_max_pool3d: nn.AdaptiveMaxPool3d}
-SQUASH_MODULES = (nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Hardtanh, nn.ReLU6, nn.Softmax)
-INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.relu_, F.relu_, F.leaky_relu_, F.elu_,
-           F.hardtanh_, operator.setitem}
-
-def op_kind(n: fx.Node) -> str|None:
-    "The kind of a function or method call node (None: unknown)."
-    if n.op not in ('call_function', 'call_method'): return None
-    try: return OPS.get(n.target)
-    except TypeError: return None  # unhashable target
-
-def _inplace(n: fx.Node) -> bool:
-    if n.target in INPLACE or n.kwargs.get('inplace') is True: return True
-    return n.op == 'call_method' and n.target.endswith('_') and not n.target.endswith('__')
-
-# %% ../nbs/08b_lrp_graph.ipynb #a7e11a02
-def _attention_bias(attn_mask, key_padding_mask, causal, n_heads: int, dtype, device, blocked_when_true: bool):
-    "The additive bias on the attention logits (0, -inf, or the float masks) of one call; the tracer keeps this call whole."
-    bias = None
-    if causal is not None:  # (L, S): position i attends to j <= i (top-left aligned, as F.scaled_dot_product_attention)
-        keep = torch.ones(causal[0], causal[1], dtype=torch.bool, device=device).tril()
-        bias = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, float('-inf'))
-    for m, padding in ((attn_mask, False), (key_padding_mask, True)):
-        if m is None: continue
-        if m.dtype == torch.bool:
-            blocked = m if (blocked_when_true or padding) else ~m
-            m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(blocked, float('-inf'))
-        else: m = m.to(dtype)
-        if padding: m = m[:, None, None, :]  # (N, S) -> (N, 1, 1, S)
-        elif n_heads and m.dim() == 3: m = m.unflatten(0, (-1, n_heads))  # (N*H, L, S) -> (N, H, L, S)
-        bias = m if bias is None else bias + m
-    return bias
-fx.wrap('_attention_bias')
-
-def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    "`F.scaled_dot_product_attention` written out: softmax(q kᵀ * scale + mask) @ v, each step an op of its own."
-    if enable_gqa:
-        raise UnsupportedOpError("F.scaled_dot_product_attention with enable_gqa=True (grouped-query attention) has no written-out "
-                                 "form for LRP yet: repeat the keys and values to the number of query heads in the model instead.")
-    if not (isinstance(dropout_p, (int, float)) and dropout_p == 0):
-        raise UnsupportedOpError(f"F.scaled_dot_product_attention is called with dropout_p={dropout_p!r}: it drops attention weights "
-                                 f"at random even in eval mode, so there is no function to explain. Pass dropout_p=0 outside training.")
-    # the default scale as a 0-dim tensor: traced, the head size is a node, and an op's inputs must be tensors
-    s = scale if scale is not None else query.new_ones(()) * query.size(-1) ** -0.5
-    logits = (query @ key.transpose(-2, -1)) * s
-    if attn_mask is not None or is_causal:
-        causal = (query.size(-2), key.size(-2)) if is_causal else None
-        logits = logits + _attention_bias(attn_mask, None, causal, 0, query.dtype, query.device, False)
-    return logits.softmax(-1) @ value
-
-def multi_head_attention(m: nn.MultiheadAttention, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                         average_attn_weights=True, is_causal=False):
-    "`m(query, key, value, ...)` for an `nn.MultiheadAttention` with batched inputs, written out with its own parameters (`is_causal` is a hint: the mask decides)."
-    if m.bias_k is not None or m.add_zero_attn:
-        raise UnsupportedOpError("nn.MultiheadAttention with add_bias_kv=True or add_zero_attn=True has no written-out form for LRP "
-                                 "yet: build it without them, or give the module a rule by type with the composite's layer_map.")
-    if not m.batch_first: query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-    E, H = m.embed_dim, m.num_heads
-    d = E // H
-    if m._qkv_same_embed_dim:
-        w = m.in_proj_weight
-        wq, wk, wv = w[:E], w[E:2 * E], w[2 * E:]
-    else: wq, wk, wv = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
-    b = m.in_proj_bias
-    bq, bk, bv = (None, None, None) if b is None else (b[:E], b[E:2 * E], b[2 * E:])
-    heads = lambda t: t.unflatten(-1, (H, d)).transpose(1, 2)  # (N, L, E) -> (N, H, L, d)
-    q, k, v = heads(F.linear(query, wq, bq)), heads(F.linear(key, wk, bk)), heads(F.linear(value, wv, bv))
-    logits = (q * d ** -0.5) @ k.transpose(-2, -1)
-    if attn_mask is not None or key_padding_mask is not None:
-        logits = logits + _attention_bias(attn_mask, key_padding_mask, None, H, q.dtype, q.device, True)
-    a = F.dropout(logits.softmax(-1), m.dropout, training=m.training)
-    o = F.linear((a @ v).transpose(1, 2).flatten(2), m.out_proj.weight, m.out_proj.bias)
-    if not m.batch_first: o = o.transpose(0, 1)
-    return o, (None if not need_weights else (a.mean(1) if average_attn_weights else a))
-
-# %% ../nbs/08b_lrp_graph.ipynb #a7e11a30
-def _swin_grid(H: int, W: int, window_size, shift_size) -> tuple:
-    "(padded height, padded width, shift) of a Swin window attention on an H x W map: padded to multiples of the window, not shifted along a side the window covers."
-    pH, pW = H + (window_size[0] - H % window_size[0]) % window_size[0], W + (window_size[1] - W % window_size[1]) % window_size[1]
-    return pH, pW, (0 if window_size[0] >= pH else shift_size[0], 0 if window_size[1] >= pW else shift_size[1])
-
-def _swin_windows(x, window_size, shift_size):
-    "Swin's windows of a (B, H, W, C) map: padded, rolled by -shift, cut into (B * windows, wh * ww, C). Data movement."
-    B, H, W, C = x.shape
-    pH, pW, s = _swin_grid(H, W, window_size, shift_size)
-    x = F.pad(x, (0, 0, 0, pW - W, 0, pH - H))
-    if sum(s) > 0: x = torch.roll(x, shifts=(-s[0], -s[1]), dims=(1, 2))
-    x = x.view(B, pH // window_size[0], window_size[0], pW // window_size[1], window_size[1], C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size[0] * window_size[1], C)
-
-def _swin_merge(x, shape, window_size, shift_size):
-    "The inverse of `_swin_windows` for a map of `shape` (B, H, W, C): windows put back, rolled by +shift, the padding cut off."
-    B, H, W, C = shape
-    pH, pW, s = _swin_grid(H, W, window_size, shift_size)
-    x = x.view(B, pH // window_size[0], pW // window_size[1], window_size[0], window_size[1], C)
-    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, pH, pW, C)
-    if sum(s) > 0: x = torch.roll(x, shifts=(s[0], s[1]), dims=(1, 2))
-    return x[:, :H, :W, :].contiguous()
-
-def _swin_mask(shape, window_size, shift_size, dtype, device):
-    "The additive mask (B * windows, 1, N, N) of shifted windows on a map of `shape`: -100 between tokens of different regions (all 0 if not shifted)."
-    B, H, W, _ = shape
-    pH, pW, s = _swin_grid(H, W, window_size, shift_size)
-    nw, N = (pH // window_size[0]) * (pW // window_size[1]), window_size[0] * window_size[1]
-    mask = torch.zeros((pH, pW), dtype=dtype, device=device)
-    if sum(s) == 0: return mask.new_zeros((B * nw, 1, N, N))
-    count = 0
-    for h in ((0, -window_size[0]), (-window_size[0], -s[0]), (-s[0], None)):
-        for w in ((0, -window_size[1]), (-window_size[1], -s[1]), (-s[1], None)):
-            mask[h[0]:h[1], w[0]:w[1]] = count
-            count += 1
-    mask = mask.view(pH // window_size[0], window_size[0], pW // window_size[1], window_size[1]).permute(0, 2, 1, 3).reshape(nw, N)
-    mask = mask.unsqueeze(1) - mask.unsqueeze(2)
-    mask = mask.masked_fill(mask != 0, float(-100.0)).masked_fill(mask == 0, float(0.0))
-    return mask.unsqueeze(1).repeat(B, 1, 1, 1)
-for _f in ('_swin_windows', '_swin_merge', '_swin_mask'): fx.wrap(_f)
-OPS[_swin_windows] = OPS[_swin_merge] = 'move'
-
-def window_attention(input, qkv_weight, proj_weight, relative_position_bias, window_size, num_heads, shift_size,
-                     attention_dropout=0.0, dropout=0.0, qkv_bias=None, proj_bias=None, logit_scale=None, training=True):
-    "torchvision's `shifted_window_attention` (Swin and Swin V2, same arguments) written out: windows, q k v, logits, softmax, `attn @ v`, projection, windows merged."
-    x = _swin_windows(input, window_size, shift_size)  # (B * windows, N, C): padding, roll and partition, one move
-    if logit_scale is not None and qkv_bias is not None:  # V2: no bias on the keys
-        b = qkv_bias.unflatten(0, (3, -1))
-        qkv_bias = torch.cat([b[0], torch.zeros_like(b[1]), b[2]])
-    qkv = F.linear(x, qkv_weight, qkv_bias).unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    if logit_scale is not None:  # V2: cosine attention
-        logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-        logits = logits * torch.clamp(logit_scale, max=math.log(100.0)).exp()
-    else:  # the scale as a 0-dim tensor: traced, the head size is a node, and an op's inputs must be tensors
-        logits = (q * (q.new_ones(()) * q.size(-1) ** -0.5)).matmul(k.transpose(-2, -1))
-    logits = logits + relative_position_bias
-    if sum(shift_size) > 0: logits = logits + _swin_mask(input.shape, window_size, shift_size, input.dtype, input.device)
-    a = F.dropout(F.softmax(logits, dim=-1), p=attention_dropout, training=training)
-    o = F.linear(a.matmul(v).transpose(1, 2).flatten(2), proj_weight, proj_bias)
-    return _swin_merge(F.dropout(o, p=dropout, training=training), input.shape, window_size, shift_size)
-
-try:  # torchvision's Swin: its window attention is traced written out, its patch merging pad is data movement
-    from torchvision.models import swin_transformer as _tv_swin
-    SWIN_FUNCTIONS = {_tv_swin.shifted_window_attention: window_attention}
-    OPS[_tv_swin._patch_merging_pad] = 'move'
-except (ImportError, AttributeError): SWIN_FUNCTIONS = {}
-
+# %% ../nbs/08b_lrp_graph.ipynb #f0a00005
+# the ops page's public names, re-exported: `from lrp_scratch.lrp_graph import Sum, register_op, ...` keeps working
+_all_ = [
+         'LINEAR_TYPES', 'BATCHNORM_TYPES', 'UnsupportedOpError', 'standard', 'Op', 'Sum', 'Gate', 'Product', 'Attention',
+         'Softmax', 'Concat', 'Constant', 'Activation', 'Pool', 'Normalization', 'centring', 'BatchNorm', 'Move',
+         'fold_batchnorm', 'BatchNormParams', 'Linear', 'OPS', 'register_op', 'OP_KINDS', 'GRADIENT_FUNCTIONS',
+         'GRADIENT_METHODS', 'IDENTITY_FUNCTIONS', 'SHAPE_METHODS', 'MAXPOOL_MODULES', 'SQUASH_MODULES', 'INPLACE',
+         'op_kind', 'attention', 'multi_head_attention', 'window_attention']
 
 # %% ../nbs/08b_lrp_graph.ipynb #e65bd7c4
 class LRPGraph(NamedTuple):
@@ -539,7 +102,7 @@ def _relevance_path(graph: fx.Graph) -> set:
 def _fix_inplace(graph: fx.Graph, order: dict):
     "fx records `x.relu_()` (or `y[i] = v`) as a node but later uses of x still name x: point them at the mutated value."
     for n in list(graph.nodes):
-        if n.op in ('call_function', 'call_method') and _inplace(n) and n.args and isinstance(n.args[0], fx.Node):
+        if n.op in ('call_function', 'call_method') and is_inplace(n) and n.args and isinstance(n.args[0], fx.Node):
             m = n.args[0]
             for u in list(m.users):
                 if u is not n and order[u] > order[n]: u.replace_input_with(m, n)
@@ -553,10 +116,10 @@ def _ancestors(n: fx.Node) -> set:
     return seen
 
 def _lift(args, kwargs):
-    "Replace the fx nodes in a call's arguments by `_Arg(i)`; return (args, kwargs, nodes)."
+    "Replace the fx nodes in a call's arguments by `Arg(i)`; return (args, kwargs, nodes)."
     nodes = []
     def lift(a):
-        if isinstance(a, fx.Node): nodes.append(a); return _Arg(len(nodes) - 1)
+        if isinstance(a, fx.Node): nodes.append(a); return Arg(len(nodes) - 1)
         if isinstance(a, (tuple, list)): return type(a)(lift(v) for v in a)
         if isinstance(a, dict): return {k: lift(v) for k, v in a.items()}
         return a
@@ -631,8 +194,8 @@ def _einsum(root, n: fx.Node, path: set, attention: str):
     if _on(b, path) and not _on(a, path) and isinstance(a, fx.Node):
         return Linear('einsum', 1, options=dict(equation=eq, x_first=False), label='torch.einsum'), [b, a]
     if not (_on(a, path) and _on(b, path)): return 'bad'
-    return _bilinear(root, n, a, b, path, attention, torch.einsum, (eq, _Arg(0), _Arg(1))) or \
-           (Product(torch.einsum, (eq, _Arg(0), _Arg(1)), {}, (0, 1)), [a, b])
+    return _bilinear(root, n, a, b, path, attention, torch.einsum, (eq, Arg(0), Arg(1))) or \
+           (Product(torch.einsum, (eq, Arg(0), Arg(1)), {}, (0, 1)), [a, b])
 
 def _normalises(other: fx.Node, signal: fx.Node) -> bool:
     "Is `other` (computed from `signal`) a normaliser of it: does a norm, std, var, rsqrt, ... lie between them?"
@@ -663,10 +226,10 @@ def _linear(n: fx.Node, path: set, root=None, attention: str = 'cp'):
     "A `Linear` op for a functional conv, `F.linear` or a product with a constant matrix; 'bad' otherwise."
     if op_kind(n) == 'matmul':
         a, b = n.args[0], n.args[1]
-        if _on(a, path) and not _on(b, path): return Linear('matmul', 1, label=_fn_name(n.target)), [a, b]
-        if _on(b, path) and not _on(a, path): return Linear('rmatmul', 1, label=_fn_name(n.target)), [b, a]
+        if _on(a, path) and not _on(b, path): return Linear('matmul', 1, label=fn_name(n.target)), [a, b]
+        if _on(b, path) and not _on(a, path): return Linear('rmatmul', 1, label=fn_name(n.target)), [b, a]
         if _on(a, path) and _on(b, path) and len(n.args) == 2 and not n.kwargs:
-            att = _bilinear(root, n, a, b, path, attention, n.target, (_Arg(0), _Arg(1)))
+            att = _bilinear(root, n, a, b, path, attention, n.target, (Arg(0), Arg(1)))
             if att is not None: return att
         return _generic(Product, n, path)  # two tensors that carry relevance
     norm = _normalized(n)
@@ -679,7 +242,7 @@ def _linear(n: fx.Node, path: set, root=None, attention: str = 'cp'):
     if any(isinstance(v, fx.Node) for v in norm.values()): return 'bad'
     form = 'linear' if n.target is F.linear else f"conv{n.target.__name__[-2:]}"
     inputs = [x, w] + ([b] if isinstance(b, fx.Node) else [])
-    return Linear(form, 1, 2 if isinstance(b, fx.Node) else None, norm, label=_fn_name(n.target)), inputs
+    return Linear(form, 1, 2 if isinstance(b, fx.Node) else None, norm, label=fn_name(n.target)), inputs
 
 def _rewrite(root, n: fx.Node, path: set, names: dict, leaf_names: set, attention: str = 'cp'):
     "What node n (a function or method call on the relevance path) becomes: None (kept: its gradient), a node (removed: the identity), (module, inputs), or 'bad'."
@@ -700,7 +263,7 @@ def _rewrite(root, n: fx.Node, path: set, names: dict, leaf_names: set, attentio
         alpha = n.kwargs.get('alpha', 1)
         if len(n.args) >= 2 and all(on):
             sign = -1 if k == 'sub' else 1
-            return Sum((1, sign * alpha), label=_fn_name(n.target)), [n.args[0], n.args[1]]
+            return Sum((1, sign * alpha), label=fn_name(n.target)), [n.args[0], n.args[1]]
         return _generic(Constant, n, path)
     if k == 'mul':
         if len(n.args) >= 2 and all(on):
@@ -709,14 +272,14 @@ def _rewrite(root, n: fx.Node, path: set, names: dict, leaf_names: set, attentio
                 b_from_a, a_from_b = a in _ancestors(b), b in _ancestors(a)
                 if b_from_a != a_from_b:  # one factor is computed from the other (the signal)
                     signal, other, i = (a, b, 0) if b_from_a else (b, a, 1)
-                    if _squashed(root, other, path): return Gate(i, label=_fn_name(n.target)), [a, b]
-                    if _normalises(other, signal): return Normalization(n.target, (_Arg(0), _Arg(1)), {}, (i,)), [a, b]
-            return Product(n.target, (_Arg(0), _Arg(1)), {}, (0, 1)), [a, b]
+                    if _squashed(root, other, path): return Gate(i, label=fn_name(n.target)), [a, b]
+                    if _normalises(other, signal): return Normalization(n.target, (Arg(0), Arg(1)), {}, (i,)), [a, b]
+            return Product(n.target, (Arg(0), Arg(1)), {}, (0, 1)), [a, b]
         return _generic(Constant, n, path)
     if k == 'div':
         if len(n.args) >= 2 and on[0] and not on[1]: return _generic(Constant, n, path)
         if len(n.args) >= 2 and all(on) and n.args[0] in _ancestors(n.args[1]):  # x / f(x): f(x) normalises x
-            return Normalization(n.target, (_Arg(0), _Arg(1)), {}, (0,)), [n.args[0], n.args[1]]
+            return Normalization(n.target, (Arg(0), Arg(1)), {}, (0,)), [n.args[0], n.args[1]]
         return 'bad'
     if k == 'neg': return _generic(Constant, n, path)
     if k == 'addcmul':
@@ -856,7 +419,7 @@ def trace(model: nn.Module, # the model (in eval mode: training-only branches ar
     bad = [n for n, d in decisions.items() if isinstance(d, str) and n in receiving]
     if bad:
         groups = {}
-        for n in bad: groups.setdefault(_fn_name(n.target), []).append(n)
+        for n in bad: groups.setdefault(fn_name(n.target), []).append(n)
         lst = '; '.join(f"`{f}` in `{_where(ns[0]) or '<model>'}` (node `{names[ns[0]]}`)"
                         + (f" and {len(ns) - 1} more calls (in `{_where(ns[1]) or '<model>'}`, ...)" if len(ns) > 1 else '')
                         for f, ns in groups.items())
@@ -864,7 +427,7 @@ def trace(model: nn.Module, # the model (in eval mode: training-only branches ar
             f"LRP has no rule for {lst}: relevance reaches it, and its gradient would not be the right flow. Known: data "
             f"movement, sums, products (gates, normalisations, two branches), ops with constants, linear maps (functional convs, "
             f"`F.linear`, batch norms, pools, interpolation), activations and normalisations. If the op only moves data, "
-            f"`lrp_graph.register_op({_fn_name(bad[0].target).split('.')[-1]}, 'move')` (see `OP_KINDS` for the other kinds); "
+            f"`lrp_graph.register_op({fn_name(bad[0].target).split('.')[-1]}, 'move')` (see `OP_KINDS` for the other kinds); "
             f"or give it a rule by name, e.g. `EpsilonPlusFlat(name_map={{'{names[bad[0]]}': Pass()}})`, or wrap it in an "
             f"nn.Module and give that a rule with `layer_map`.")
     ops, new = {}, {}

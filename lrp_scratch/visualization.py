@@ -12,12 +12,11 @@ import torch
 import matplotlib.pyplot as plt
 from PIL import Image
 from .core import atomic_write
-from .crp import conditional_relevance
-from .lrp import LRPModel, classic, EpsilonPlusFlat, EpsilonPlus, EpsilonAlpha2Beta1, EpsilonGammaBox
+import importlib
 
 # %% auto #0
 __all__ = ['SIGNED_CMAPS', 'BLANK_HEATMAP', 'normalize_relevance', 'apply_cmap', 'relevance_to_rgb', 'save_png',
-           'BlankHeatmapWarning', 'is_blank', 'plot_relevance_scores', 'overlay', 'relevance_grid', 'explore']
+           'image_for_display', 'BlankHeatmapWarning', 'is_blank', 'plot_relevance_scores', 'overlay', 'relevance_grid']
 
 # %% ../nbs/12_visualization.ipynb #791b106d
 _CMAPS = {  # piecewise-linear colormaps: channel -> [(position, value), ...] (the definitions matplotlib uses)
@@ -75,7 +74,7 @@ def save_png(arr, # uint8 (H, W, 3) or (H, W), or floats in [0, 1]
     return atomic_write(path, lambda f: Image.fromarray(a).save(f, format='PNG'))
 
 # %% ../nbs/12_visualization.ipynb #f648d57f
-def _image(x) -> np.ndarray:
+def image_for_display(x) -> np.ndarray:
     "An image tensor (C, H, W) or (H, W) as a min-max scaled array for imshow."
     a = _np(x)
     if a.ndim == 3: a = a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
@@ -123,7 +122,7 @@ def plot_relevance_scores(x: torch.Tensor, # image (C, H, W) or batch (N, C, H, 
     fig, axes = plt.subplots(n, 2, figsize=(fw, fw / 2 * h / w * n), squeeze=False)
     signed = cmap in SIGNED_CMAPS
     for i in range(n):
-        axes[i, 0].imshow(_image(xb[i]), cmap='gray' if xb.shape[1] == 1 else None)
+        axes[i, 0].imshow(image_for_display(xb[i]), cmap='gray' if xb.shape[1] == 1 else None)
         v = normalize_relevance(maps[i], symmetric=signed)
         axes[i, 1].imshow(v, cmap=cmap, vmin=0, vmax=1)
         for a in axes[i]: a.set_axis_off()
@@ -143,7 +142,7 @@ def overlay(x: torch.Tensor, # image (C, H, W) or (H, W)
             cmap: str = 'bwr') -> np.ndarray:
     "uint8 RGB array: the heatmap blended over the image in grey."
     if not 0 <= alpha <= 1: raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    img = _image(x)
+    img = image_for_display(x)
     grey = img.mean(-1) if img.ndim == 3 else img
     heat = relevance_to_rgb(r, cmap).astype(np.float32)
     if heat.shape[:2] != grey.shape: raise ValueError(f"relevance is {heat.shape[:2]} but the image is {grey.shape}")
@@ -168,7 +167,7 @@ def relevance_grid(x: torch.Tensor, # images (N, C, H, W)
     for a in axes.flat: a.set_axis_off()
     for i in range(n):
         ax_img, ax_rel = axes[i // cols, 2 * (i % cols)], axes[i // cols, 2 * (i % cols) + 1]
-        ax_img.imshow(_image(x[i]), cmap='gray' if x.shape[1] == 1 else None)
+        ax_img.imshow(image_for_display(x[i]), cmap='gray' if x.shape[1] == 1 else None)
         ax_rel.imshow(relevance_to_rgb(maps[i], cmap))
         title = []
         if preds is not None: title.append(f"pred {name(preds[i])}")
@@ -180,67 +179,8 @@ def relevance_grid(x: torch.Tensor, # images (N, C, H, W)
     if save_to is not None: atomic_write(save_to, lambda f: fig.savefig(f, format='png', dpi=100))
     return fig
 
-# %% ../nbs/12_visualization.ipynb #083dad9b
-def _explorer_view(model, x, y, composites, i, comp_name, top_k, target, layer=None, channel=0):
-    "The explorer's figure for one setting (with a concept layer: also that channel's conditional heatmap)."
-    lrp = LRPModel(model, composite=composites[comp_name], top_k=top_k)
-    xi = x[i:i + 1]
-    tgt = None if target == 'softmax' else ('pred' if target == 'pred' else int(target))
-    r, out = lrp.explain(xi, target=tgt)
-    probs = torch.softmax(out[0].float(), 0).cpu().numpy()
-    n = 4 if layer else 3
-    fig, axes = plt.subplots(1, n, figsize=(10 + 3 * (n - 3), 3.2), gridspec_kw=dict(width_ratios=[1] * (n - 1) + [1.4]))
-    if layer:
-        if top_k: axes[2].text(0.5, 0.5, 'concepts need top_k = 0', ha='center', va='center', transform=axes[2].transAxes)
-        else:
-            rc, _ = conditional_relevance(lrp, xi, tgt, {layer: [channel]})
-            axes[2].imshow(relevance_to_rgb(rc[0, 0], 'bwr'))
-        axes[2].set_title(f"concept {layer}:{channel}", fontsize=9); axes[2].set_axis_off()
-    axes[0].imshow(_image(xi[0]), cmap='gray' if x.shape[1] == 1 else None); axes[0].set_title(f"sample {i}" + (f", label {int(y[i])}" if y is not None else ''))
-    axes[1].imshow(relevance_to_rgb(r[0], 'bwr')); axes[1].set_title(f"{comp_name}, top_k={top_k:g}, target {target}", fontsize=9)
-    for a in axes[:2]: a.set_axis_off()
-    bars = axes[-1].bar(range(len(probs)), probs, color='lightgray')
-    bars[int(probs.argmax())].set_color('crimson')
-    axes[-1].set_xticks(range(len(probs))); axes[-1].set_ylim(0, 1); axes[-1].set_title('class probabilities')
-    fig.tight_layout()
-    return fig
-
-def explore(model: torch.nn.Module, # the classifier
-            x: torch.Tensor, # images (N, C, H, W), already transformed as the model expects
-            y: torch.Tensor|None = None, # labels (shown with the image)
-            composites: dict|None = None, # {name: Composite}; default: classic and the Zennit-style presets
-            static: bool = False, # draw one static figure instead of widgets
-            concept_layers: Sequence[str]|None = None, # layers for the concept picker (a layer and channel: its conditional heatmap)
-           ):
-    "Interactive LRP explorer (sample, composite, top_k, target, concept layer and channel); a static figure where widgets are unavailable."
-    if len(x) == 0: raise ValueError("explore needs at least one image")
-    if composites is None:
-        composites = {'classic': classic(), 'EpsilonPlusFlat': EpsilonPlusFlat(), 'EpsilonPlus': EpsilonPlus(),
-                      'EpsilonAlpha2Beta1': EpsilonAlpha2Beta1(), 'EpsilonGammaBox': EpsilonGammaBox(float(x.min()), float(x.max()))}
-    model = model.eval()
-    n_classes = model(x[:1]).shape[1]
-    first = next(iter(composites))
-    try:
-        if static: raise ImportError
-        import ipywidgets as W
-        from IPython import get_ipython
-        if get_ipython() is None or not hasattr(get_ipython(), 'kernel'): raise ImportError
-    except ImportError:
-        return _explorer_view(model, x, y, composites, 0, first, 0.0, 'pred', (concept_layers or [None])[0], 0)
-    out = W.Output()
-    w_i = W.IntSlider(0, 0, len(x) - 1, description='sample')
-    w_c = W.Dropdown(options=list(composites), value=first, description='composite')
-    w_k = W.FloatSlider(value=0.0, min=0.0, max=0.2, step=0.01, description='top_k')
-    w_t = W.Dropdown(options=['pred', 'softmax'] + [str(c) for c in range(n_classes)], value='pred', description='target')
-    w_l = W.Dropdown(options=['(none)'] + list(concept_layers or []), value='(none)', description='concept')
-    w_ch = W.BoundedIntText(value=0, min=0, max=4095, description='channel')
-    def update(*_):
-        with out:
-            out.clear_output(wait=True)
-            layer = None if w_l.value == '(none)' else w_l.value
-            fig = _explorer_view(model, x, y, composites, w_i.value, w_c.value, w_k.value, w_t.value, layer, w_ch.value)
-            plt.show(fig)
-    for w in (w_i, w_c, w_k, w_t, w_l, w_ch): w.observe(update, names='value')
-    update()
-    rows = [W.HBox([w_i, w_c]), W.HBox([w_k, w_t])] + ([W.HBox([w_l, w_ch])] if concept_layers else [])
-    return W.VBox(rows + [out])
+# %% ../nbs/12_visualization.ipynb #e1x00002
+def __getattr__(name: str):
+    "`explore`, for code written when the explorer lived here: it loads the explorer (and the LRP engine) when asked for."
+    if name == 'explore': return importlib.import_module('lrp_scratch.explorer').explore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
