@@ -13,10 +13,10 @@ import torch.fx as fx
 
 # %% auto #0
 __all__ = ['LINEAR_TYPES', 'BATCHNORM_TYPES', 'OPS', 'OP_KINDS', 'GRADIENT_FUNCTIONS', 'GRADIENT_METHODS', 'IDENTITY_FUNCTIONS',
-           'SHAPE_METHODS', 'MAXPOOL_MODULES', 'SQUASH_MODULES', 'INPLACE', 'UnsupportedOpError', 'standard', 'Arg',
-           'fn_name', 'Op', 'Sum', 'Gate', 'Product', 'Attention', 'Softmax', 'Concat', 'Constant', 'Activation',
-           'Pool', 'Normalization', 'centring', 'BatchNorm', 'Move', 'fold_batchnorm', 'BatchNormParams', 'Linear',
-           'register_op', 'op_kind', 'is_inplace', 'attention', 'multi_head_attention', 'window_attention']
+           'SHAPE_METHODS', 'MAXPOOL_MODULES', 'SQUASH_MODULES', 'INPLACE', 'SWIN_FUNCTIONS', 'UnsupportedOpError',
+           'standard', 'Arg', 'fn_name', 'Op', 'Sum', 'Gate', 'Product', 'Attention', 'Softmax', 'Concat', 'Constant',
+           'Activation', 'Pool', 'Normalization', 'centring', 'BatchNorm', 'Move', 'fold_batchnorm', 'BatchNormParams',
+           'Linear', 'register_op', 'op_kind', 'is_inplace', 'attention', 'multi_head_attention', 'window_attention']
 
 # %% ../nbs/08_lrp_ops.ipynb #4679efa4
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -459,9 +459,10 @@ def window_attention(input, qkv_weight, proj_weight, relative_position_bias, win
     o = F.linear(a.matmul(v).transpose(1, 2).flatten(2), proj_weight, proj_bias)
     return _swin_merge(F.dropout(o, p=dropout, training=training), input.shape, window_size, shift_size)
 
+SWIN_FUNCTIONS = {}  # opaque functions the tracer replaces by their written-out version
 try:  # torchvision's Swin: its window attention is traced written out, its patch merging pad is data movement
     from torchvision.models import swin_transformer as _tv_swin
-    SWIN_FUNCTIONS = {_tv_swin.shifted_window_attention: window_attention}
+    SWIN_FUNCTIONS[_tv_swin.shifted_window_attention] = window_attention
     OPS[_tv_swin._patch_merging_pad] = 'move'
-except (ImportError, AttributeError): SWIN_FUNCTIONS = {}
+except (ImportError, AttributeError): pass
 
