@@ -6,8 +6,13 @@
 from __future__ import annotations
 import argparse, contextlib, json, logging, math, os, sys, time, warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 from . import __version__
+from lrp_scratch.cli_args import (CLIError, USER_ERRORS, one_line, CLIParser, DATASET_NAMES, OPTIMIZER_NAMES, MODEL_NAMES, COMPOSITE_NAMES,
+    positive_int, non_negative_int, fraction, positive, valid_ratio, k_list, choice, target_type, TARGETS, target_help, target_arg,
+    torchvision_name, torchvision_args, SEED_PICKS, data_args, train_args, lrp_args, common_args, run_arguments,
+    changed_arguments)  # the argument types and groups (torch-free)
+from .launch import LAUNCH_OPTS, launch_args, launch_command, launched  # train/explain-dataset --nproc (torch-free)
 
 def load_libraries():
     "Import what the commands use (numpy, torch, matplotlib, PIL, the library's modules) as names of this module."
@@ -27,7 +32,7 @@ def load_libraries():
     from lrp_scratch.trainers import CHECKPOINT_FORMAT, CheckpointError, History, MPTrainer, Trainer, load_checkpoint
     from lrp_scratch.testers import Tester, TestReport
     from lrp_scratch.visualization import BLANK_HEATMAP, BlankHeatmapWarning, is_blank, plot_relevance_scores, relevance_grid
-    from lrp_scratch.distributed import DistributedSetupError, dist_env, is_main, shutdown_distributed
+    from lrp_scratch.distributed import DistributedSetupError, is_main
     LIBRARY_ERRORS = (CheckpointError, DatasetFileError, UnidentifiedImageError, DistributedSetupError)  # bad input, said by the library
     globals().update(locals())
 
@@ -36,97 +41,15 @@ def parse_first() -> bool:
     spec = getattr(sys.modules.get('__main__'), '__spec__', None)
     return 'lrp_scratch.__main__' in sys.modules or getattr(spec, 'name', None) in ('lrp_scratch.__main__', 'lrp_scratch.cli')
 
-# The command builds its parser from the names below and imports the libraries after parsing (`main`), so `--help` and
-# mistyped arguments answer at once instead of after seconds of importing torch; imported as a library, the module has them now.
-DATASET_NAMES, OPTIMIZER_NAMES = ('mnist', 'digits'), ('sgd', 'adam', 'adamw', 'rmsprop')  # checked against the registries below
-MODEL_NAMES = ('vgg11', 'vgg13', 'vgg16', 'vgg19', 'resnet18', 'resnet34', 'resnet50', 'vit', 'vit_digits', 'vit_tiny')  # the factory's MODELS
-COMPOSITE_NAMES = ('EpsilonPlusFlat', 'EpsilonPlus', 'EpsilonGammaBox', 'EpsilonAlpha2Beta1', 'EpsilonAlpha2Beta1Flat', 'classic')  # its COMPOSITES
+# The command builds its parser from `cli_args` and `launch` (torch-free) and imports the libraries after parsing (`main`), so `--help`
+# and mistyped arguments answer at once instead of after seconds of importing torch; imported as a library, the module has them now.
 if parse_first(): os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch loads OpenMP: see "On a busy machine"
 else: load_libraries()
 
 # %% auto #0
-__all__ = ['DATASET_NAMES', 'OPTIMIZER_NAMES', 'MODEL_NAMES', 'COMPOSITE_NAMES', 'USER_ERRORS', 'fraction', 'positive',
-           'valid_ratio', 'TARGETS', 'target_arg', 'dataset_target_arg', 'TRAIN_TIME', 'SEED_PICKS', 'load_libraries',
-           'parse_first', 'CLIError', 'one_line', 'positive_int', 'non_negative_int', 'choice', 'target_type',
-           'target_help', 'explain_batches', 'torchvision_name', 'run_arguments', 'changed_arguments', 'resume_plan',
-           'cmd_train', 'cmd_test', 'png_destination', 'cmd_explain', 'cmd_explain_torchvision', 'cmd_demo',
-           'platform_lines', 'cmd_info', 'cmd_explain_dataset', 'make_parser', 'launch_command', 'launched',
-           'cmd_train_launch', 'k_list', 'cmd_spray', 'main']
-
-# %% ../nbs/14_cli.ipynb #48d81e86
-class CLIError(Exception):
-    "A mistake in the command's input (a path, an argument): reported in one line, without a traceback."
-
-# the exceptions raised for bad input, with the library's own (`LIBRARY_ERRORS`); anything else is a bug and keeps its traceback
-USER_ERRORS = (CLIError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError, TypeError)
-
-def one_line(e: BaseException) -> str:
-    "An exception's message on one line (multi-line messages joined with ' | ')."
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    return ' | '.join(lines) or type(e).__name__
-
-class _Parser(argparse.ArgumentParser):
-    "argparse with one-line errors: `lrp-scratch demo: error: ... (see lrp-scratch demo --help)`, exit status 2."
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-# %% ../nbs/14_cli.ipynb #7e7ac5c2
-def positive_int(s: str) -> int:
-    "argparse type: an int >= 1."
-    try: v = int(s)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {s!r}") from None
-    if v < 1: raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
-    return v
-
-def non_negative_int(s: str) -> int:
-    "argparse type: an int >= 0."
-    try: v = int(s)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {s!r}") from None
-    if v < 0: raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {v}")
-    return v
-
-def _number(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
-    "argparse type: a float in the interval from lo to hi."
-    def parse(s: str) -> float:
-        try: v = float(s)
-        except ValueError: raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-        if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
-            raise argparse.ArgumentTypeError(f"expected a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}, got {s}")
-        return v
-    return parse
-
-fraction = _number(0, 1)                      # top_k
-positive = _number(0, math.inf, lo_open=True) # learning rate, width
-valid_ratio = _number(0, 1, hi_open=True)
-
-# %% ../nbs/14_cli.ipynb #7d11046e
-def choice(options: Sequence[str], what: str):
-    "argparse type: one of `options`, in any case; returns the canonical spelling."
-    canon = {o.lower(): o for o in options}
-    def parse(s: str) -> str:
-        if s.lower() not in canon: raise argparse.ArgumentTypeError(f"unknown {what} {s!r}; choose from {', '.join(options)}")
-        return canon[s.lower()]
-    parse.__name__ = what  # argparse names the type in its messages
-    return parse
-
-def target_type(*words: str):
-    "An argparse type: one of `words` (any case) or a class number >= 0."
-    def parse(s: str) -> str|int:
-        if s.lower() in words: return s.lower()
-        try: v = int(s)
-        except ValueError: raise argparse.ArgumentTypeError(f"expected {', '.join(map(repr, words))} or a class number, got {s!r}") from None
-        if v < 0: raise argparse.ArgumentTypeError(f"a class number is >= 0, got {v}")
-        return v
-    return parse
-
-TARGETS = {'pred': 'the predicted class', 'label': 'the true class',
-           'softmax': "every class, weighted by its softmax probability: the original project's seed"}
-
-def target_help(*words: str) -> str:
-    "The `--target` help of a command whose `target_type` takes `words`: one wording for every command."
-    return f"what is explained: {', '.join(f'{w!r} ({TARGETS[w]})' for w in words)}, or a class number (default: pred)"
-
-target_arg = target_type('pred', 'softmax')  # explain
+__all__ = ['TRAIN_TIME', 'load_libraries', 'parse_first', 'explain_batches', 'resume_plan', 'cmd_train', 'cmd_test',
+           'png_destination', 'cmd_explain', 'cmd_explain_torchvision', 'cmd_demo', 'platform_lines', 'cmd_info',
+           'cmd_explain_dataset', 'make_parser', 'cmd_train_launch', 'cmd_spray', 'main']
 
 # %% ../nbs/14_cli.ipynb #550b4c07
 def _bar(iterable, desc: str, enabled: bool, **kwargs):
@@ -195,52 +118,7 @@ def explain_batches(model: torch.nn.Module, x: torch.Tensor, # images (N, C, H, 
         rs.append(r.detach()); outs.append(out)
     return torch.cat(rs), torch.cat(outs)
 
-# %% ../nbs/14_cli.ipynb #0bf1e061
-def torchvision_name(s: str) -> str:
-    "argparse type: the name of a torchvision classification model (any case), with the closest names when it is not one."
-    import difflib
-    from lrp_scratch.factory import torchvision_classifiers  # (imported when used: it imports torch)
-    names = torchvision_classifiers()
-    if s.lower() in names: return s.lower()
-    near = difflib.get_close_matches(s.lower(), names, n=4, cutoff=0.5)
-    raise argparse.ArgumentTypeError(f"{s!r} is not one of torchvision's {len(names)} classification models"
-                                     + (f"; did you mean {', '.join(near)}?" if near else f" ({', '.join(names[:6])}, ...)"))
-
-# %% ../nbs/14_cli.ipynb #b3f84968
-def _torchvision_args(p):
-    g = p.add_argument_group('torchvision models (instead of a checkpoint)')
-    g.add_argument('--torchvision', type=torchvision_name, metavar='NAME',
-                   help="explain torchvision.models.NAME (resnet50, vgg16, densenet121, ...; `--image` only) instead of a checkpoint")
-    g.add_argument('--timm', metavar='NAME', help="or timm's model NAME (resnet18, vit_tiny_patch16_224, ...; "
-                   "timm.list_models() lists them; needs the timm package), with timm's own preprocessing (--resize/--crop are for --torchvision)")
-    g.add_argument('--weights', metavar='FILE', help='its weights: a state dict saved with torch.save(model.state_dict(), FILE) '
-                   '(without --weights: random weights, said clearly; nothing is ever downloaded)')
-    g.add_argument('--num-classes', type=positive_int, default=1000, metavar='N', help='the classes of the model the weights are for (default: %(default)s)')
-    g.add_argument('--resize', type=positive_int, default=None, metavar='N', help="resize the shorter side to N (default: as torchvision's "
-                   "first weights of the model, e.g. 256 for the ResNets, 342 for inception_v3)")
-    g.add_argument('--crop', type=positive_int, default=None, metavar='N', help='then keep the centre N x N (default: likewise, e.g. 224 or 299)')
-
 # %% ../nbs/14_cli.ipynb #336bb26a
-_RUN_FLAGS = {'dataset': '--dataset', 'n_train': '--n-train', 'seed': '--seed', 'mnist_test_only': '--mnist-test-only', 'model': '--model',
-              'width': '--width', 'no_batch_norm': '--no-batch-norm', 'epochs': '--epochs', 'lr': '--lr', 'optimizer': '--optimizer',
-              'scheduler': '--scheduler', 'batch_size': '--batch-size', 'valid_ratio': '--valid-ratio', 'early_stopping': '--early-stopping',
-              'mixed_precision': '--mixed-precision'}  # what defines a run (not where it runs: --device, --nproc, --root, --no-progress)
-
-def run_arguments(args) -> dict:
-    "The arguments of `train` that define its run, by flag (saved in the checkpoint's `config['meta']`)."
-    return {flag: getattr(args, k) for k, flag in _RUN_FLAGS.items()}
-
-def _shown(v) -> str:
-    if isinstance(v, bool) or v is None: return 'given' if v else 'not given'
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-def changed_arguments(saved: dict, # the run's arguments (a checkpoint's `config['meta']`)
-                      now: dict, # this command's (`run_arguments(args)`)
-                      holder: str = 'checkpoint', # what holds the saved ones, named in the text
-                     ) -> list[str]:
-    "`--lr 0.01 (checkpoint: 0.05)` for each flag whose value differs, as the user types it."
-    return [f"{f} {_shown(now[f])} ({holder}: {_shown(saved.get(f))})" for f in now if saved.get(f) != now[f]]
-
 def _check_resume(args, path: Path):
     "A one-cycle schedule is fixed to its run's length: resuming it can only finish that run."
     cfg = load_checkpoint(path).get('config') or {}
@@ -516,8 +394,6 @@ def _add_info_command(sub):
     p.set_defaults(func=cmd_info)
 
 # %% ../nbs/14_cli.ipynb #62d47678
-dataset_target_arg = target_type('pred', 'label')  # explain-dataset
-
 def cmd_explain_dataset(args) -> int:
     "lrp-scratch explain-dataset: a checkpoint and a split -> a relevance store (chunks + manifest) in --out, optionally an HDF5 file."
     from lrp_scratch.distributed import is_main, local_device  # (imported when used: the other commands do without them)
@@ -567,93 +443,37 @@ def _explain_dataset_parser(sub):
     p.add_argument('checkpoint', help='a checkpoint.pt written by lrp-scratch train or demo')
     p.add_argument('--out', required=True, metavar='DIR', help='the store folder (created; an existing store is resumed)')
     p.add_argument('--split', type=choice(('test', 'train'), 'split'), default='test', metavar='{test,train}', help='which images (default: %(default)s)')
-    g = p.add_argument_group('LRP')
-    g.add_argument('--composite', type=choice(COMPOSITE_NAMES, 'composite'), default='EpsilonPlusFlat', metavar='NAME',
-                   help=f"the rules: {', '.join(COMPOSITE_NAMES)} (default: %(default)s)")
-    g.add_argument('--top-k', type=fraction, default=0.0, metavar='F', help='relevance filter: fraction of values kept at each layer, 0 = off')
-    g.add_argument('--target', type=dataset_target_arg, default='pred', metavar='{pred,label,CLASS}',
-                   help=target_help('pred', 'label'))
+    g = lrp_args(p, targets=('pred', 'label'), heatmaps=False)
     g.add_argument('--batch-size', type=positive_int, default=64, metavar='N', help='images per LRP call (default: %(default)s)')
     g.add_argument('--chunk-size', type=positive_int, default=1024, metavar='N', help='images per chunk file, the unit of resuming and sharding (default: %(default)s)')
     g.add_argument('--full-maps', action='store_true', help='keep the relevance of every input channel (default: summed over channels)')
     p.add_argument('--hdf5', metavar='FILE.h5', help='also write the store as a ViRelAy attribution file (needs h5py)')
-    _data_args(p, seeds=SEED_PICKS); _common_args(p); _launch_args(p); p.set_defaults(func=launched(cmd_explain_dataset))  # launched: see below
+    data_args(p, seeds=SEED_PICKS); common_args(p); launch_args(p); p.set_defaults(func=launched(cmd_explain_dataset))  # launched: see below
 
 # %% ../nbs/14_cli.ipynb #79dd672c
 TRAIN_TIME = 'half an hour to an hour on 2 CPU cores'  # `train` with its defaults (see "How long training takes")
-SEED_PICKS = "picks the images: which digits are generated, which MNIST subset is drawn (the seed a checkpoint was trained with gives that run's test images)"
-
-def _data_args(p, train: bool = True, n_train: int = 6000, seeds: str = 'seeds the data, the initial weights and the training order',
-               n_train_note: str = ''):
-    g = p.add_argument_group('data')
-    g.add_argument('--dataset', type=choice(DATASET_NAMES, 'dataset'), default='digits', metavar='{digits,mnist}',
-                   help="'digits' (embedded, generated offline; default) or 'mnist' (read from --root, downloaded there when missing)")
-    g.add_argument('--root', default='datasets', metavar='DIR', help='the folder that holds MNIST/raw/ (default: %(default)s)')
-    if train: g.add_argument('--n-train', type=positive_int, default=n_train, metavar='N',
-                             help=f'training images (MNIST: a random subset of at most this many; default: %(default)s{n_train_note})')
-    g.add_argument('--n-test', type=positive_int, default=1000, metavar='N', help='test images (default: %(default)s)')
-    g.add_argument('--seed', type=non_negative_int, default=0, metavar='S', help=f'{seeds} (default: %(default)s)')
-    g.add_argument('--no-download', action='store_true', help='MNIST: never download; fail when the files are missing')
-    g.add_argument('--mnist-test-only', action='store_true',
-                   help="MNIST: use only the test split (t10k files), 80%% for training and 20%% for testing (for machines without the training files)")
-
-def _train_args(p, epochs: int, width: float):
-    g = p.add_argument_group('model and training')
-    g.add_argument('--model', type=choice(MODEL_NAMES, 'model'), default='vgg11', metavar='{' + ','.join(MODEL_NAMES) + '}', help='the architecture (default: %(default)s)')
-    g.add_argument('--width', type=positive, default=width, metavar='W', help='channel multiplier of the model (default: %(default)s)')
-    g.add_argument('--no-batch-norm', action='store_true', help='a VGG without BatchNorm2d (trains more slowly from scratch)')
-    g.add_argument('--epochs', type=positive_int, default=epochs, metavar='N', help='training epochs (default: %(default)s)')
-    g.add_argument('--lr', type=positive, default=0.002, help='learning rate (the peak of the one-cycle schedule; default: %(default)s)')
-    g.add_argument('--optimizer', type=choice(OPTIMIZER_NAMES, 'optimizer'), default='adam', metavar='{' + ','.join(OPTIMIZER_NAMES) + '}', help='the optimizer (default: %(default)s)')
-    g.add_argument('--scheduler', type=choice(('onecycle', 'step', 'none'), 'scheduler'), default='onecycle', metavar='{onecycle,step,none}', help='learning-rate schedule (default: %(default)s)')
-    g.add_argument('--batch-size', type=positive_int, default=64, metavar='N', help='images per batch (default: %(default)s)')
-    g.add_argument('--valid-ratio', type=valid_ratio, default=0.1, metavar='F', help='share of the training images held out for validation (default: %(default)s)')
-    g.add_argument('--early-stopping', type=positive_int, default=None, metavar='N', help='stop after N validations without improvement')
-    g.add_argument('--mixed-precision', action='store_true', help='autocast where the device computes it natively (MPTrainer): float16 on a GPU, bfloat16 on a CPU with native bfloat16, '
-                   'else float32 with a warning (LRP_SCRATCH_CPU_BF16=1 forces bfloat16; lrp-scratch info shows the choice)')
-    g.add_argument('--resume', nargs='?', const='', metavar='CHECKPOINT', help="continue the run saved in CHECKPOINT (default: --out's) "
-                   "with these arguments (up to --epochs in all)")
-    if p.prog.endswith(' train'):
-        g.add_argument('--force', action='store_true', help="start a new run even when --out holds one (replacing it); without --force "
-                       "the same command continues it, and other arguments are refused")
-
-def _lrp_args(p):
-    g = p.add_argument_group('LRP')
-    g.add_argument('--composite', type=choice(COMPOSITE_NAMES, 'composite'), default='EpsilonPlusFlat', metavar='NAME',
-                   help=f"the rules: {', '.join(COMPOSITE_NAMES)} (default: %(default)s; the original project: classic)")
-    g.add_argument('--top-k', type=fraction, default=0.0, metavar='F', help='relevance filter: fraction of values kept at each layer, 0 = off (the original: 0.02)')
-    g.add_argument('--target', type=target_arg, default='pred', metavar='{pred,softmax,CLASS}',
-                   help=target_help('pred', 'softmax'))
-    g.add_argument('--cmap', type=choice(('bwr', 'seismic', 'afmhot'), 'colormap'), default='bwr', metavar='{bwr,seismic,afmhot}',
-                   help='heatmap colours: bwr or seismic (signed, red = evidence for) or afmhot (the original; default: %(default)s)')
-
-def _common_args(p):
-    p.add_argument('--device', default='auto', metavar='DEV', help="'auto' (a GPU when there is one), 'cpu', 'cuda', 'cuda:1', ... (default: auto)")
-    p.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bars and epoch lines')
-    p.add_argument('--debug', action='store_true', help='show the full traceback of errors')
-
 def make_parser() -> argparse.ArgumentParser:
     "The `lrp-scratch` argument parser with its sub-commands."
-    parser = _Parser(prog='lrp-scratch', description='Train VGG and ResNet networks from scratch on digits or MNIST and explain them (or torchvision models) with LRP.',
+    parser = CLIParser(prog='lrp-scratch', description='Train VGG and ResNet networks from scratch on digits or MNIST and explain them (or torchvision models) with LRP.',
                      epilog='Run `lrp-scratch demo` first: a small end-to-end run (under a minute on a laptop CPU). '
                             '`lrp-scratch COMMAND --help` explains each command.')
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
-    sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True, parser_class=CLIParser)
     p = sub.add_parser('demo', help='train a small VGG11 on the offline digits, test it, explain test images (one command)',
                        description='Train VGG11 (a quarter of the channels) on 6,000 offline digits for 3 epochs, test it on 1,000 more, and explain '
                                    'test images with LRP. Writes the checkpoint, the test report (JSON + confusion matrix), a heatmap grid and '
                                    'the history plot into --out. Under a minute on 2 idle CPU cores.')
     p.add_argument('--out', default='runs/demo', metavar='DIR', help='output folder (created; default: %(default)s)')
-    _data_args(p); _train_args(p, epochs=3, width=0.25); _lrp_args(p)
+    data_args(p); train_args(p, epochs=3, width=0.25); lrp_args(p)
     p.add_argument('--n-explain', type=positive_int, default=16, metavar='N', help='test images in heatmaps.png (default: %(default)s)')
-    _common_args(p); p.set_defaults(func=cmd_demo)
+    common_args(p); p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser('train', help=f'train a VGG or a ResNet and save the checkpoint (the defaults take {TRAIN_TIME})',
                        description='Train a VGG or a ResNet (--model) on the digits or MNIST; writes checkpoint.pt (with its history as CSV and JSONL), '
                                    'history.png and log.txt into --out. With --resume, continue a saved run. The defaults (60,000 images, '
                                    f'VGG11 at full width, 5 epochs) take {TRAIN_TIME}; `lrp-scratch demo` is the quick run.')
     p.add_argument('--out', default='runs/train', metavar='DIR', help='output folder (created; default: %(default)s)')
-    _data_args(p, n_train=60000, n_train_note=f'; with the other defaults training takes {TRAIN_TIME}'); _train_args(p, epochs=5, width=1.0); _common_args(p); _launch_args(p); p.set_defaults(func=cmd_train_launch)
+    data_args(p, n_train=60000, n_train_note=f'; with the other defaults training takes {TRAIN_TIME}'); train_args(p, epochs=5, width=1.0); common_args(p); launch_args(p); p.set_defaults(func=cmd_train_launch)
 
     p = sub.add_parser('test', help='test a checkpoint: report, test_report.json, confusion_matrix.png',
                        description='Test a checkpoint of `train` or `demo` on the test images; prints the report and writes '
@@ -661,7 +481,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('checkpoint', help='a checkpoint.pt written by lrp-scratch train or demo')
     p.add_argument('--out', default=None, metavar='DIR', help="output folder (default: the checkpoint's folder)")
     p.add_argument('--batch-size', type=positive_int, default=256, metavar='N', help='images per batch (default: %(default)s)')
-    _data_args(p, train=False, seeds=SEED_PICKS); _common_args(p); p.set_defaults(func=cmd_test)
+    data_args(p, train=False, seeds=SEED_PICKS); common_args(p); p.set_defaults(func=cmd_test)
 
     p = sub.add_parser('explain', help='explain one image (a file or a test-set index) with LRP: a heatmap PNG',
                        description='Explain the prediction of a checkpoint for one image with LRP and save the image next to its heatmap. '
@@ -676,80 +496,21 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--invert', type=choice(('auto', 'yes', 'no'), 'invert'), default='auto', metavar='{auto,yes,no}',
                    help='--image: invert the grey levels: auto (when the background is light), yes, no (default: %(default)s)')
     p.add_argument('--out', default=None, metavar='FILE.png', help="the PNG to write (default: explain_<name>.png in the checkpoint's folder; with --torchvision: explain_<image>_<model>.png in the current folder)")
-    _torchvision_args(p); _lrp_args(p)
-    _data_args(p, train=False, seeds=SEED_PICKS + '; with --torchvision and no --weights, seeds the random weights')
-    _common_args(p); p.set_defaults(func=cmd_explain)
+    torchvision_args(p); lrp_args(p)
+    data_args(p, train=False, seeds=SEED_PICKS + '; with --torchvision and no --weights, seeds the random weights')
+    common_args(p); p.set_defaults(func=cmd_explain)
     _explain_dataset_parser(sub)
     _add_info_command(sub)
     _spray_parser(sub)
     return parser
 
-# %% ../nbs/14_cli.ipynb #4ee7a550
-import io
-
-# %% ../nbs/14_cli.ipynb #c5d3fdb2
-_LAUNCH_OPTS = {'--nproc': '--nproc-per-node', '--nnodes': '--nnodes', '--node-rank': '--node-rank', '--rdzv-endpoint': '--rdzv-endpoint',
-                '--rdzv-id': '--rdzv-id', '--max-restarts': '--max-restarts'}
-
-def _launch_args(p):
-    g = p.add_argument_group('many processes (torchrun)')
-    g.add_argument('--nproc', type=positive_int, default=None, metavar='N', help='run with N processes on this machine (runs torchrun for you)')
-    g.add_argument('--nnodes', default=None, metavar='M', help='with --nproc: machines in the job, e.g. 2 or 1:4 (default: 1)')
-    g.add_argument('--node-rank', type=non_negative_int, default=None, metavar='K', help='with --nproc and a static --nnodes: this machine\'s number')
-    g.add_argument('--rdzv-endpoint', default=None, metavar='HOST:PORT', help='with --nproc: where the machines meet (c10d rendezvous on one of them)')
-    g.add_argument('--rdzv-id', default=None, metavar='ID', help='with --nproc: the job id shared by all machines')
-    g.add_argument('--max-restarts', type=non_negative_int, default=None, metavar='R', help='with --nproc: restart the workers up to R times after a failure')
-
-def launch_command(args) -> tuple[list[str], list[str]]:
-    "torchrun's arguments and the workers' `lrp-scratch` arguments for `train/explain-dataset --nproc` (the launcher options moved from one to the other)."
-    worker, launcher, it = [], [], iter(args.argv)
-    for a in it:
-        name, eq, val = a.partition('=')
-        if name in _LAUNCH_OPTS: launcher += [_LAUNCH_OPTS[name], val if eq else next(it)]
-        else: worker.append(a)
-    if args.nnodes in (None, '1', '1:1') and args.rdzv_endpoint is None: launcher.append('--standalone')  # one machine: a local rendezvous
-    elif args.rdzv_endpoint is not None: launcher += ['--rdzv-backend', 'c10d']
-    return launcher + ['-m', 'lrp_scratch'], worker
-
-def launched(cmd: Callable) -> Callable:
-    "`cmd(args)` in this process (also as one rank of a torchrun job), or with --nproc as a torchrun job of N processes running it."
-    def run(args) -> int:
-        if args.nproc is None:
-            if any(getattr(args, k) is not None for k in ('nnodes', 'node_rank', 'rdzv_endpoint', 'rdzv_id', 'max_restarts')):
-                raise CLIError("--nnodes, --node-rank, --rdzv-endpoint, --rdzv-id and --max-restarts go with --nproc N (the processes per machine)")
-            env = dist_env()
-            if env.world_size > 1 and env.rank != 0:  # one rank of a torchrun job: rank 0 prints the summary
-                with contextlib.redirect_stdout(io.StringIO()): rc = cmd(args)
-            else: rc = cmd(args)
-            shutdown_distributed()  # all ranks done: leave together (after an error a rank just exits)
-            return rc
-        if dist_env().launched: raise CLIError("--nproc starts a torchrun job, but this process already runs in one (WORLD_SIZE is set): drop --nproc")
-        from torch.distributed import run as torchrun
-        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-        launcher, worker = launch_command(args)
-        try: torchrun.main(launcher + worker)
-        except ChildFailedError as e:
-            failed = ', '.join(f"rank {r}: exit status {f.exitcode}" for r, f in sorted(e.failures.items()))
-            raise CLIError(f"the {args.command} job failed ({failed}); the messages of the failing rank are above. Run the same command "
-                           f"again to continue where it stopped (in {args.out})") from None
-        return 0
-    run.__name__ = run.__qualname__ = f"{cmd.__name__}_launch"
-    return run
-
+# %% ../nbs/14_cli.ipynb #4ff095cf
 def cmd_train_launch(args) -> int:
     "lrp-scratch train, in this process or (--nproc) as a torchrun job; --out's checkpoint is checked before any process starts."
     if args.nproc is not None and resume_plan(args)[0] == 'done': return _say_done(args, Path(args.out)/'checkpoint.pt')
     return launched(cmd_train)(args)
 
-
 # %% ../nbs/14_cli.ipynb #b7f2d4e6
-def k_list(s: str) -> tuple[int, ...]:
-    "argparse type: whole numbers >= 2, separated by commas (`2,3,4`)."
-    try: ks = tuple(int(v) for v in s.split(','))
-    except ValueError: ks = ()
-    if not ks or min(ks) < 2: raise argparse.ArgumentTypeError(f"expected whole numbers >= 2 separated by commas (e.g. 2,3,4), got {s!r}")
-    return ks
-
 def cmd_spray(args) -> int:
     "lrp-scratch spray: SpRAy on every class of a relevance store (or --label): report figures and a ViRelAy project in --out."
     from lrp_scratch.relevance_store import RelevanceStore, StoreError, read_manifest  # (imported when used)
@@ -800,7 +561,7 @@ def _spray_parser(sub):
     g.add_argument('--embedding', type=choice(('tsne', 'spectral'), 'embedding'), default='tsne', metavar='{tsne,spectral}',
                    help='the 2-D view: t-SNE of the spectral embedding, or eigenvectors 2 and 3 (default: %(default)s)')
     g.add_argument('--absolute', action='store_true', help='cluster |R| instead of R')
-    _data_args(p)
+    data_args(p)
     p.add_argument('--debug', action='store_true', help='show the full traceback of errors')
     p.set_defaults(func=cmd_spray)
 
