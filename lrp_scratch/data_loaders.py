@@ -278,6 +278,10 @@ class TensorLoader:
         if self.augment is not None: out._aug_gen = torch.Generator(device=self.device or 'cpu').manual_seed(self.seed + 1 + 1_000_003 * rank)
         return out
 
+    def generators(self) -> dict[str, torch.Generator]:
+        "The generators this loader draws from (shuffling; augmentation if any), by the names a checkpoint stores their states under."
+        return {'_order_gen': self._order_gen, **({'_aug_gen': self._aug_gen} if self._aug_gen is not None else {})}
+
     def set_epoch(self, epoch: int): # 0, 1, ... (the Trainer calls it before each epoch)
         "From now on the order of an epoch is a function of `(seed, epoch)` alone, the same on every rank (as `DistributedSampler.set_epoch`)."
         if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0: raise ValueError(f"set_epoch: epoch must be an int >= 0, got {epoch!r}")
@@ -331,6 +335,9 @@ class AugmentedLoader:
         self.dl, self.augment, self.dataset, self.batch_size = dl, augment, dl.dataset, dl.batch_size
         self._gen = torch.Generator().manual_seed(seed + 1)
     def __len__(self): return len(self.dl)
+    def generators(self) -> dict[str, torch.Generator]:
+        "The augmentation's generator, by the name a checkpoint stores its state under (the wrapped loader `dl` keeps its own)."
+        return {'_gen': self._gen}
     def __iter__(self):
         for x, y in self.dl: yield self.augment(x, generator=self._gen), y
     def sharded(self, dl, # the wrapped loader's share for this rank

@@ -245,7 +245,7 @@ def distributed_loader(dl, # a loader built for one process: ours, torch's DataL
                 sampler = DistributedSampler(dl.dataset, num_replicas=w, rank=r, shuffle=isinstance(dl.sampler, RandomSampler), seed=seed)
             else: sampler = shard_range(n, r, w)
             out = _rebuilt_dataloader(dl, sampler)
-            out._shard = (r, w)
+            out.dist_shard = (r, w)
             return out
     warnings.warn(f"{rank_prefix()}cannot split a {type(dl).__name__} between the {w} ranks: every rank iterates all of it. Pass a "
                   "TensorLoader, a torch DataLoader with its default sampler, or one with a DistributedSampler", stacklevel=2)
@@ -255,7 +255,7 @@ def is_sharded(dl) -> bool:
     "Whether `dl` serves one rank's share (a sharded `TensorLoader`, a `DistributedSampler`, a loader `distributed_loader` built)."
     for _ in range(4):
         if dl is None: return False
-        if getattr(dl, 'world_size', 1) > 1 or getattr(dl, '_shard', None) is not None or isinstance(getattr(dl, 'sampler', None), DistributedSampler):
+        if getattr(dl, 'world_size', 1) > 1 or getattr(dl, 'dist_shard', None) is not None or isinstance(getattr(dl, 'sampler', None), DistributedSampler):
             return True
         dl = getattr(dl, 'dl', None)
     return False
