@@ -147,14 +147,14 @@ class Composite:
         if isinstance(module, GRADIENT_TYPES): return None
         return 'unsupported'
 
-    def _graph_key(self) -> tuple:
+    def graph_key(self) -> tuple:
         "What the graph depends on: the module types and names with a rule of their own, BatchNorm folding, and the attention rule (under CP-LRP the logits receive nothing)."
         types = tuple(t for ts, _ in self.layer_map + self.first_map for t in (ts if isinstance(ts, tuple) else (ts,)))
         return types, tuple(self.name_map), self.fold_batchnorm, self.attention_rule.mode
 
     def graph(self, model: nn.Module) -> LRPGraph:
         "`model` traced for this composite (see [LRP on graphs](lrp_graph.html)): its modules and functional ops."
-        with eval_and_out_of_place(model): return trace(model, *self._graph_key())
+        with eval_and_out_of_place(model): return trace(model, *self.graph_key())
 
     def entries(self, model: nn.Module, graph: LRPGraph|None = None) -> list:
         "[(name, module, rule, note), ...] in the order the model calls them; rule None: the gradient, 'unsupported': none."

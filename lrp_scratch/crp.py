@@ -82,7 +82,7 @@ def _grad(y, x, r, batched):
 @contextmanager
 def _forward(lrp: LRPModel, x, target, layers, composite=None, masks=None):
     "One forward pass with the rules in place; yields (input, output, seed, {layer: output})."
-    lrp._check_input(x)
+    lrp.check_input(x)
     if lrp.top_k: raise ValueError(
         f"conditions need relevance that is linear in the relevance at the conditioned layer; the relevance filter "
         f"(top_k={lrp.top_k}) is not: use an LRPModel with top_k=0 (the batched path would not be exact)")

@@ -265,7 +265,8 @@ def _params(self: LRPModel, module: nn.Module, rule: Rule, bn: nn.Module|None) -
 
 # %% ../nbs/08e_lrp.ipynb #e20c3ec1
 @patch
-def _check_input(self: LRPModel, x):
+def check_input(self: LRPModel, x):
+    "Raise a clear error when `x` is not a floating-point batch on the model's device and dtype, or holds NaN or inf."
     if not isinstance(x, torch.Tensor): raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if not x.is_floating_point(): raise TypeError(f"x must be a floating point tensor (e.g. a normalised image batch), got {x.dtype}")
     if x.dim() < 2: raise ValueError(f"x must be a batch (N, C, ...), got shape {tuple(x.shape)}")
@@ -282,7 +283,7 @@ def _graph_key(self: LRPModel, comp: Composite) -> tuple:
     "What a graph is valid for: the composite's leaves, the modules, and the tensors it may read (a `.to()` makes new buffers)."
     lazy = nn.parameter.UninitializedTensorMixin  # a lazy module's parameters have no storage until its first call
     tensors = tuple((id(t), None if isinstance(t, lazy) else t.data_ptr()) for t in (*self.model.parameters(), *self.model.buffers()))
-    return comp._graph_key(), tuple(map(id, self.model.modules())), tensors
+    return comp.graph_key(), tuple(map(id, self.model.modules())), tensors
 
 @patch
 def _graph(self: LRPModel, comp: Composite) -> LRPGraph:
@@ -398,7 +399,7 @@ def explain(self: LRPModel,
                                "LRPModel.explain_conditional, which explain(conditions=...) calls), or call "
                                "lrp_scratch.crp.conditional_relevance(lrp, x, target, conditions) directly")
         return self.explain_conditional(x, target, conditions, exclusive, composite=composite, top_k=top_k)
-    self._check_input(x)
+    self.check_input(x)
     self._check_shape(x)
     record = {} if return_layers else None
     with self.rules_applied(composite, top_k, record) as (run, _):

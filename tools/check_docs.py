@@ -2,7 +2,7 @@
 """Run nbdev's docs processing on every notebook, as `nbdev_docs` does before Quarto, and report what fails.
 
     python tools/check_docs.py                     # every notebook under nbs/ (found by globbing)
-    python tools/check_docs.py nbs/14_cli.ipynb    # only these
+    python tools/check_docs.py nbs/18_cli.ipynb    # only these
 
 The docs build re-executes, in a fresh namespace, every cell that is an import on its own line, every `#| export`
 cell, every `show_doc` cell and every `#| exec_doc` cell, and skips the rest. A lesson cell that imports a name and
