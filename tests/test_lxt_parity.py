@@ -1,4 +1,5 @@
-"""CP-LRP on torchvision's ViT against LXT (AttnLRP's reference implementation), where it is installed.
+"""CP-LRP on torchvision's ViT, and AttnLRP on one attention block, against LXT (AttnLRP's reference implementation),
+where it is installed.
 
 LXT 2.1 (the PyPI release) needs transformers < 4.55 (its BERT patch imports a function later releases removed), which
 this project does not depend on. Install both into a folder of their own and point the test at it:
@@ -12,6 +13,16 @@ on the linear layers, gradient x input is then LRP-0 there. Ours with the same c
 (CP-LRP is the default attention rule), `CentredNorm(0.)` (LXT's LayerNorm) and `Norm(0.)` on ops with a
 constant (gradient x input gives `x + c` the share x/(x+c)). The comparison runs in a subprocess, since LXT patches
 torch.nn classes in place. Without the variable the test is skipped, and says so.
+
+AttnLRP: one attention block (q, k, v projections with biases, S = q k^T / sqrt(d), softmax, A V, the out projection,
+the first token, a linear head; random weights, float64) explained twice by LXT -- with its explicit functional rules
+(`lxt.explicit.functional`: `linear_epsilon`, `matmul` (Prop. 3.3: epsilon, then the uniform split in halves) and
+`softmax` (Prop. 3.1, with `temperature=sqrt(d)` for the scaling), relevance propagated by autograd), and with its
+efficient rules (`lxt.efficient.rules.divide_gradient`: the gradient at q and k divided by 4, at v by 2, as LXT's
+attention patches do; the plain gradient elsewhere, then gradient x input) -- against ours,
+`Uniform(Epsilon(0.), attention_rule='attnlrp')` on the block written with plain torch ops. LXT's epsilons are set to
+0 where they exist: `linear_epsilon(..., epsilon=0.)` (default 1e-6) and `matmul(..., epsilon=0.)` (default 1e-8); its
+softmax rule and `divide_gradient` have none.
 """
 import json, os, subprocess, sys, textwrap
 from pathlib import Path
@@ -65,3 +76,73 @@ def test_cp_lrp_matches_lxt_on_vit_b_16():
     assert res["out"] <= 1e-12, res
     assert max(res["eps0"]) <= TOL, res  # the same conventions: the same relevance, to rounding
     assert max(res["shipped"]) <= SHIPPED_TOL, res  # LXT as shipped: its GELU epsilon moves single elements
+
+
+ATTN_SCRIPT = textwrap.dedent("""
+    import json, torch, torch.nn as nn
+    import lxt
+    assert lxt.__file__.startswith(%r), lxt.__file__
+    import lxt.explicit.functional as lf
+    from lxt.efficient.rules import divide_gradient
+    from lrp_scratch.lrp import LRPModel, Uniform, Epsilon
+
+    class Block(nn.Module):
+        "Tokens -> q, k, v -> softmax(q k^T / sqrt(d)) v -> out projection -> the first token -> logits."
+        def __init__(self, d=16, heads=4, classes=5):
+            super().__init__()
+            self.heads, self.mode = heads, None  # mode: None (plain torch, ours), 'explicit' or 'efficient' (LXT)
+            self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+            self.head = nn.Linear(d, classes)
+        def lin(self, m, t): return lf.linear_epsilon(t, m.weight, m.bias, epsilon=0.) if self.mode == 'explicit' else m(t)
+        def forward(self, x):
+            split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+            q, k, v = split(self.lin(self.q, x)), split(self.lin(self.k, x)), split(self.lin(self.v, x))
+            dh = q.shape[-1]
+            if self.mode == 'explicit':
+                a = lf.softmax(lf.matmul(q, k.transpose(-2, -1), epsilon=0.), -1, temperature=dh ** 0.5)
+                o = lf.matmul(a, v, epsilon=0.)
+            else:
+                if self.mode == 'efficient': q, k, v = divide_gradient(q, 4), divide_gradient(k, 4), divide_gradient(v, 2)
+                o = torch.softmax(q @ k.transpose(-2, -1) / dh ** 0.5, dim=-1) @ v
+            return self.lin(self.head, self.lin(self.o, o.transpose(1, 2).flatten(2))[:, 0])
+
+    torch.manual_seed(0)
+    block = Block().double().eval()
+    with torch.no_grad():
+        for n, p in block.named_parameters():
+            if n.endswith('bias'): p.normal_(0, 0.1)
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    ours, out = LRPModel(block, composite=Uniform(Epsilon(0.), attention_rule='attnlrp')).explain(x, target='pred')
+    def lxt_relevance(mode):
+        block.mode = mode
+        xg = x.clone().requires_grad_(True)
+        y = block(xg)
+        idx = y.argmax(1, keepdim=True)
+        # explicit: relevance flows backward, seeded with the target logit; efficient: the gradient, then x * gradient
+        seed = torch.zeros_like(y).scatter(1, idx, y.gather(1, idx) if mode == 'explicit' else torch.ones_like(y))
+        y.backward(seed.detach())
+        block.mode = None
+        return (xg.grad if mode == 'explicit' else x * xg.grad).detach(), y.detach()
+    res = dict(out=float((out - block(x)).abs().max()), sum_over_logit=(ours.flatten(1).sum(1) / out.max(1).values).tolist())
+    for mode in ('explicit', 'efficient'):
+        theirs, y = lxt_relevance(mode)
+        res[mode] = [float((ours[n] - theirs[n]).abs().max() / theirs[n].abs().max()) for n in range(len(x))]
+        res[mode + '_out'] = float((out - y).abs().max())
+    # a check that can fail: CP-LRP (our default attention rule) is not what LXT's AttnLRP rules give
+    cp = LRPModel(block, composite=Uniform(Epsilon(0.))).explain(x, target='pred')[0]
+    res['cp_vs_explicit'] = [float((cp[n] - theirs[n]).abs().max() / theirs[n].abs().max()) for n in range(len(x))]
+    print(json.dumps(res))
+""")
+
+
+@pytest.mark.skipif(DIR is None, reason="LXT is not installed (set LRP_SCRATCH_LXT_PATH, see the module docstring)")
+def test_attnlrp_matches_lxt_on_one_attention_block():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([DIR, str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", ATTN_SCRIPT % DIR], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    print(res)
+    assert res["out"] <= 1e-12 and res["explicit_out"] <= 1e-12 and res["efficient_out"] <= 1e-12, res
+    assert max(res["explicit"]) <= TOL, res  # LXT's explicit AttnLRP rules, epsilons 0
+    assert max(res["efficient"]) <= TOL, res  # LXT's efficient AttnLRP (divide_gradient, gradient x input)
+    assert min(res["cp_vs_explicit"]) >= 1e-3, res  # the comparison tells the two attention rules apart
