@@ -67,12 +67,17 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def run_with_lxt(script: str) -> dict:
+    "Run `script` (it prints one JSON line last) in a fresh interpreter with LXT's folder first on the path."
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([DIR, str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", script % DIR], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.skipif(DIR is None, reason="LXT is not installed (set LRP_SCRATCH_LXT_PATH, see the module docstring)")
 def test_cp_lrp_matches_lxt_on_vit_b_16():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([DIR, str(ROOT)]), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-c", SCRIPT % DIR], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert p.returncode == 0, p.stderr[-2000:]
-    res = json.loads(p.stdout.strip().splitlines()[-1])
+    res = run_with_lxt(SCRIPT)
     assert res["out"] <= 1e-12, res
     assert max(res["eps0"]) <= TOL, res  # the same conventions: the same relevance, to rounding
     assert max(res["shipped"]) <= SHIPPED_TOL, res  # LXT as shipped: its GELU epsilon moves single elements
@@ -137,11 +142,7 @@ ATTN_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(DIR is None, reason="LXT is not installed (set LRP_SCRATCH_LXT_PATH, see the module docstring)")
 def test_attnlrp_matches_lxt_on_one_attention_block():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([DIR, str(ROOT)]), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-c", ATTN_SCRIPT % DIR], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert p.returncode == 0, p.stderr[-2000:]
-    res = json.loads(p.stdout.strip().splitlines()[-1])
-    print(res)
+    res = run_with_lxt(ATTN_SCRIPT)
     assert res["out"] <= 1e-12 and res["explicit_out"] <= 1e-12 and res["efficient_out"] <= 1e-12, res
     assert max(res["explicit"]) <= TOL, res  # LXT's explicit AttnLRP rules, epsilons 0
     assert max(res["efficient"]) <= TOL, res  # LXT's efficient AttnLRP (divide_gradient, gradient x input)
