@@ -144,10 +144,8 @@ def _override_forward(stack: ExitStack, module: nn.Module, forward: Callable):
 def _rule_forward(node: _Node) -> Callable:
     def forward(*args, **kwargs):
         if isinstance(node.module, Op) and args and not kwargs and not all(isinstance(a, torch.Tensor) for a in args):
-            b = node.bound(args)  # e.g. F.interpolate(x, size=(h, w)) with h, w read from another tensor's shape
+            b = node.bound(args)  # numbers read from a shape (F.interpolate(x, size=y.shape[-2:]), q * q.shape[-1] ** -0.5)
             if b is not None: return _RuleFunction.apply(b, *[a for a in args if isinstance(a, torch.Tensor)])
-            if any(isinstance(a, (int, float)) for a in args):  # a number computed from a shape, as a 0-dim tensor
-                args = tuple(torch.as_tensor(a) if isinstance(a, (int, float)) and i not in node.path else a for i, a in enumerate(args))
         ok = args and not kwargs and all(isinstance(a, torch.Tensor) for a in args)
         if not ok or (len(args) != 1 and not isinstance(node.module, Op)):
             kinds = ', '.join(type(a).__name__ for a in args)
@@ -286,9 +284,9 @@ def _graph_key(self: LRPModel, comp: Composite) -> tuple:
     return comp.graph_key(), tuple(map(id, self.model.modules())), tensors
 
 @patch
-def _graph(self: LRPModel, comp: Composite) -> LRPGraph:
-    "The model's graph for this composite, traced once and kept while the model's modules and tensors stay the same."
-    key = self._graph_key(comp)
+def _graph(self: LRPModel, comp: Composite, key: tuple|None = None) -> LRPGraph:
+    "The model's graph for this composite (`key`: its `_graph_key`, when the caller has it), traced once and kept while the model's modules and tensors stay the same."
+    key = self._graph_key(comp) if key is None else key
     g = self._graphs.get(key)
     if g is None:
         g = self._graphs[key] = comp.graph(self.model)
@@ -351,8 +349,8 @@ def rules_applied(self: LRPModel,
     "The model with its rules in place, for one forward and its backward: yields (forward, {name: module with a rule})."
     comp = self.composite if composite is None else get_composite(composite)
     top_k = self.top_k if top_k is None else check_top_k(top_k)
-    graph = self._graph(comp)
     key = self._graph_key(comp)
+    graph = self._graph(comp, key)
     plan = comp.rules(self.model, graph)
     if graph.module is not None: merged, run = graph.merged, graph.module
     else:  # not traceable: the module walk, with every op between modules watched
@@ -422,13 +420,16 @@ def explain(self: LRPModel,
 def _input_layer(self: LRPModel) -> tuple|None:
     "(name, module) of the conv or linear layer that reads the model's input, where the graph shows one."
     g = self._graph(self.composite)
-    if g.module is None: return None
-    x = next((n for n in g.module.graph.nodes if n.op == 'placeholder'), None)
-    for n in g.module.graph.nodes:
-        if n.op == 'call_module' and n.args and n.args[0] is x:
-            m = g.module.get_submodule(n.target)
-            return (g.names.get(n.target, n.target), m) if isinstance(m, LINEAR_TYPES) else None
-    return None
+    seen = getattr(self, '_first_layer', None)
+    if seen is not None and seen[0] is g: return seen[1]  # found once per graph, not in every call
+    found = None
+    if g.module is not None:
+        x = next((n for n in g.module.graph.nodes if n.op == 'placeholder'), None)
+        n = next((n for n in g.module.graph.nodes if n.op == 'call_module' and n.args and n.args[0] is x), None)
+        m = g.module.get_submodule(n.target) if n is not None else None
+        if isinstance(m, LINEAR_TYPES): found = (g.names.get(n.target, n.target), m)
+    self._first_layer = (g, found)
+    return found
 
 @patch
 def _check_shape(self: LRPModel, x: torch.Tensor, single: bool = False):

@@ -146,10 +146,9 @@ class Normalization(Op):
 
 def centring(module: nn.Module, xs: tuple) -> Callable|None:
     "v -> the normalisation of v with its normaliser 1/sigma held constant (a linear map: centring, scale, shift); None where it does not centre."
-    import inspect as _inspect
     if isinstance(module, Normalization) and module.fn in (F.layer_norm, F.group_norm, F.instance_norm):
         args, kwargs = module.call(xs)
-        a = _inspect.signature(module.fn).bind(*args, **kwargs).arguments
+        a = inspect.signature(module.fn).bind(*args, **kwargs).arguments
         if module.fn is F.layer_norm: how, dims = 'layer', len(tuple(a['normalized_shape']))
         elif module.fn is F.group_norm: how, dims = 'group', a['num_groups']
         else:
