@@ -58,6 +58,10 @@ class LRPContext(NamedTuple):
     graph: tuple|None = None  # (inputs, z) recorded in the forward pass, for rules with `reuses_forward`
     k: int|None = None        # a relevance filter still to apply to r (rules with `fuses_filter` pass it to `redistribute`)
 
+def _times(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    "g * x, written into g when g is a fresh gradient (contiguous, not a view, x's shape): one allocation less."
+    return g.mul_(x) if g._base is None and g.is_contiguous() and g.shape == x.shape else g * x
+
 def redistribute(fn: Callable, # fn(x, weight, bias) -> z
                  terms: Sequence, # [(x_k, W_k, b_k), ...]: inputs and parameters of each term (b_k may be None)
                  r: torch.Tensor, # relevance at the output
@@ -78,9 +82,7 @@ def redistribute_graph(xs: Sequence, # the inputs (requiring grad) z was compute
     "The second half of `redistribute`, for a z whose graph already exists."
     s = stabilized_div(r, z.detach(), eps) if k is None else filtered_stabilized_div(r, z.detach(), eps, k)
     grads = torch.autograd.grad(z, xs, s)
-    g0, x0 = grads[0], xs[0].detach()
-    # the gradient is usually a fresh tensor: multiply in place and save an allocation (not into views/expansions)
-    out = g0.mul_(x0) if g0._base is None and g0.is_contiguous() and g0.shape == x0.shape else g0 * x0
+    out = _times(grads[0], xs[0].detach())
     for x, g in zip(xs[1:], grads[1:]): out = out.addcmul_(x.detach(), g)
     return out
 
@@ -180,24 +182,35 @@ class Alpha2Beta1(AlphaBeta):
 class Gamma(Rule):
     "LRP-gamma (generalised): boost the contributions that agree with the sign of z_k by gamma."
     needs_output = True  # the sign of the unmodified z_k picks the branch
+    reuses_forward = True  # x -> x w + b, recorded in the forward pass, is one of the two products the rule needs
     def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6, zero_bias: bool = False):
         self.gamma = _check_eps('gamma', gamma)
         self.stabilizer, self.zero_bias = _check_eps('stabilizer', stabilizer), zero_bias
+        if zero_bias: self.reuses_forward = False  # the recorded product has the bias, this rule's has not
     def prepare(self, weight, bias):
-        g, b = self.gamma, (None if self.zero_bias else bias)
-        up_w, dn_w = weight + g * weight.clamp(min=0), weight + g * weight.clamp(max=0)
-        return dict(up_w=up_w, dn_w=dn_w, up_b=None if b is None else b + g * b.clamp(min=0),
-                    dn_b=None if b is None else b + g * b.clamp(max=0))
+        b = None if self.zero_bias else bias
+        return dict(w=weight, b=b, aw=weight.abs(), ab=None if b is None else b.abs())
     def relevance(self, ctx, r):
-        x, p, z = ctx.x, ctx.params, ctx.y
-        has_neg = _has_negative(x)
-        xp, xn = (x.clamp(min=0), x.clamp(max=0)) if has_neg else (x, None)
-        up = [(xp, p['up_w'], p['up_b'])] + ([(xn, p['dn_w'], None)] if has_neg else [])
-        out = redistribute(ctx.fn, up, r * (z > 0), self.stabilizer)
-        if (z < 0).any():
-            dn = [(xp, p['dn_w'], p['dn_b'])] + ([(xn, p['up_w'], None)] if has_neg else [])
-            out = out + redistribute(ctx.fn, dn, r * (z < 0), self.stabilizer)
-        return out
+        x, p, z, g = ctx.x.detach(), ctx.params, ctx.y, self.gamma
+        a, c = 1 + g / 2, g / 2
+        if ctx.graph is not None: (xg,), zx = ctx.graph  # x w + b, with its graph, from the forward pass
+        else:
+            xg = ctx.x.detach().requires_grad_(True)
+            with torch.enable_grad(): zx = ctx.fn(xg, p['w'], p['b'])
+        ax = x.abs().requires_grad_(True)
+        with torch.enable_grad(): za = ctx.fn(ax, p['aw'], p['ab'])  # |x| |w| + |b|
+        # z_up = a zx + c za where z > 0, z_dn = a zx - c za where z < 0: one denominator a zx + c sign(z) za
+        sg = z.sign()
+        den = za.detach().mul(sg).mul_(c).add_(zx.detach(), alpha=a)
+        s1 = stabilized_div(r * (sg != 0), den, self.stabilizer)  # s_up + s_dn (disjoint)
+        del den
+        s2 = s1 * sg  # s_up - s_dn
+        (g2,) = torch.autograd.grad(za, ax, s2)
+        out = _times(g2, ax.detach())  # |x| (|w|^T s2) first: |x| is freed before the second gradient exists
+        del za, ax, g2
+        (g1,) = torch.autograd.grad(zx, xg, s1)
+        return _times(g1, x).mul_(a).add_(out, alpha=c)  # a x (w^T s1) + c |x| (|w|^T s2)
+
 
 # %% ../nbs/08b_lrp_rules.ipynb #137818d1
 class ZBox(Rule):
@@ -282,7 +295,8 @@ class UniformProduct(Rule):
         xs = [x.detach().requires_grad_(True) for x in ctx.x]
         with torch.enable_grad(): y = type(ctx.module).forward(ctx.module, *xs)  # the op itself, not the engine's override
         grads = torch.autograd.grad(y, xs, stabilized_div(r, y.detach(), self.stabilizer))
-        return tuple(x.detach() * g / len(xs) for x, g in zip(xs, grads))
+        del y
+        return tuple(_times(g, x.detach()).div_(len(xs)) for x, g in zip(xs, grads))
 
 _MAXPOOL_AS_AVG = {nn.MaxPool1d: F.avg_pool1d, nn.MaxPool2d: F.avg_pool2d, nn.MaxPool3d: F.avg_pool3d}
 
@@ -319,8 +333,9 @@ class SoftmaxRule(Rule):
         x = ctx.x.detach().requires_grad_(True)
         with torch.enable_grad(): s = ctx.fn(x)
         (g,) = torch.autograd.grad(s, x, stabilized_div(r, s.detach(), self.stabilizer))
+        del s  # the softmax and its graph are freed before the product
         x = ctx.x.detach()
-        return torch.where(torch.isfinite(x), x, torch.zeros_like(x)) * g
+        return _times(g, x).masked_fill_(~torch.isfinite(x), 0.)
 
 ATTENTION_RULES = {'cp': CPAttention, 'attnlrp': AttnLRP}
 
