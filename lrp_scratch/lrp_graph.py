@@ -246,7 +246,11 @@ def _linear(n: fx.Node, path: set, root=None, attention: str = 'cp'):
 
 def _rewrite(root, n: fx.Node, path: set, names: dict, leaf_names: set, attention: str = 'cp'):
     "What node n (a function or method call on the relevance path) becomes: None (kept: its gradient), a node (removed: the identity), (module, inputs), or 'bad'."
-    if names[n] in leaf_names: return _generic(Op, n, path)  # a rule given to this op by name
+    if names[n] in leaf_names:  # a rule given to this op by name
+        k = op_kind(n)
+        d = _linear(n, path, root, attention) if k in ('linear', 'matmul') else _einsum(root, n, path, attention) if k == 'einsum' else None
+        if isinstance(d, tuple) and isinstance(d[0], Linear): return d  # a linear map keeps its weights for the named rule
+        return _generic(Op, n, path)
     if n.op == 'call_function' and n.target is getattr: return None
     if n.op == 'call_function' and n.target is operator.setitem:
         a, kw, inputs = _lift(n.args, n.kwargs)
@@ -396,6 +400,21 @@ def _fold(root, gm_modules: dict, graph: fx.Graph, names: dict, receiving: set, 
         identity.append(bn)
     return merged, folded, unfolded, tuple(identity)
 
+def _as_constant(v):
+    "`v` detached (when a tensor): a value computed from the input that receives no relevance (attention probabilities under CP-LRP, a gate, a normaliser) is a constant of the call, and the autograd graph that computed it is not kept."
+    return v.detach() if isinstance(v, torch.Tensor) else v
+
+def _cut_constants(graph: fx.Graph, path: set, receiving: set):
+    "Detach every value that depends on the input but receives no relevance where an op that receives relevance reads it."
+    cut = {}
+    for u in list(graph.nodes):
+        if u not in receiving or u.op not in ('call_module', 'call_function', 'call_method'): continue
+        for a in u.all_input_nodes:
+            if a in receiving or a not in path or a.op not in ('call_module', 'call_function', 'call_method'): continue
+            if a not in cut:
+                with graph.inserting_after(a): cut[a] = graph.call_function(_as_constant, (a,))
+            u.replace_input_with(a, cut[a])
+
 def trace(model: nn.Module, # the model (in eval mode: training-only branches are traced as in eval)
           leaf_types: tuple = (), # module types that stay leaves (they have a rule of their own)
           leaf_names: tuple = (), # module names and op names (`layer1.0.add`) that have a rule by name
@@ -454,6 +473,7 @@ def trace(model: nn.Module, # the model (in eval mode: training-only branches ar
         merged, folded, identity = {}, {}, ()
         unfolded = {names.get(n, n.target): "folding is switched off" for n in graph.nodes if n.op == 'call_module'
                     and ((isinstance(gm_modules[n.target], BATCHNORM_TYPES) and standard(gm_modules[n.target])) or isinstance(gm_modules[n.target], BatchNorm))}
+    _cut_constants(graph, path, receiving)
     root = {}
     for n in graph.nodes:
         if n.op == 'call_module': root[n.target] = gm_modules[n.target]
