@@ -73,9 +73,9 @@ class _Node:
         if not self.linear: return self.original_forward(*xs), None
         x, p = xs[0], self.params
         if isinstance(self.module, Linear):  # a functional layer: its weight is a constant of this call, computed now
-            with torch.no_grad():
+            with torch.no_grad():  # (the rule's parameters are prepared in the backward: nothing more is kept until then)
                 w, b = (t.detach() if t is not None else None for t in self.module.weights(xs))
-                p = dict(self.rule.prepare(w, b), _w=w, _b=b)
+                p = dict(_w=w, _b=b)
         if self.rule.reuses_forward:  # keep the graph: the rule's backward needs nothing else
             with torch.enable_grad():
                 xg = x.detach().requires_grad_(True)
@@ -85,6 +85,8 @@ class _Node:
 
     def _context(self, xs, y, state, k):
         graph, params = state if state is not None else (None, self.params)
+        if isinstance(self.module, Linear):
+            with torch.no_grad(): params = dict(self.rule.prepare(params['_w'], params['_b']), **params)
         if isinstance(self.module, Sum) or getattr(self.module, 'kind', '') in ('product', 'attention') and len(self.path) > 1:  # every factor or term
             return LRPContext(self.module, tuple(xs), y, params, self.fn, graph, k)
         i = self.path[0]
