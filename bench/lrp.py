@@ -18,9 +18,10 @@ run when installed (they are optional; Captum's LRP is measured with its default
 its `ResNetCanonizer` (BatchNorm merging and a `Sum` module for the residual adds: without it its relevance is wrong,
 see the LRP coverage page), and only the EpsilonPlusFlat rows are measured (the other rows cost minutes there).
 On ViT-B/16 (its zero-initialised head given random weights) the rows are CP-LRP and AttnLRP with epsilon on every
-linear layer, and CP-LRP with Gamma(0.25) on the linear layers (and the patch-embedding convolution): LXT's recipe for
-ViTs (its examples/vit_torch.py: LXT's default `cp_LRP` patches, Zennit's Gamma on every Conv2d and Linear through
-LXT's `monkey_patch_zennit`). Zennit and Captum have no attention rules and are not run on their own. With
+linear layer, CP-LRP with Gamma(0.25) on every linear layer (and the patch-embedding convolution), and CP-LRP computing
+exactly LXT's recipe for ViTs (its examples/vit_torch.py: LXT's default `cp_LRP` patches, Zennit's Gamma on every Conv2d
+and Linear through LXT's `monkey_patch_zennit`, which never reaches the attention's projections: torchvision calls them
+inside F.multi_head_attention_forward, so they keep the gradient, LRP-0). Zennit and Captum have no attention rules and are not run on their own. With
 `--lxt-path DIR` (or LRP_SCRATCH_LXT_PATH; LXT 2.1 installed there, see tests/test_lxt_parity.py) that recipe itself
 is timed on the same model and input, in a subprocess with DIR first on the path (LXT patches torch.nn classes in place):
 the plain gradient first, then the patched model with Zennit's composite registered per call, as the example does.
@@ -34,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from lrp_scratch.kernels import reference_kernels
-from lrp_scratch.lrp import LRPModel, EpsilonPlusFlat, Uniform, Epsilon, Gamma, classic
+from lrp_scratch.lrp import LRPModel, EpsilonPlusFlat, Uniform, Epsilon, Gamma, Norm, CentredNorm, CPAttention, classic
 
 CASES = {"vgg11": ("vgg11", 10, 32, 64), "vgg16": ("vgg16", 1000, 224, 8), "resnet50": ("resnet50", 1000, 224, 8),
          "timm-resnet50d": ("timm:resnet50d", 1000, 224, 8), "timm-efficientnet_b0": ("timm:efficientnet_b0", 1000, 224, 8),
@@ -110,7 +111,8 @@ def methods(model, x, case="vgg11"):
     if case in SMALL: ours = {"ours EpsilonPlusFlat": ours["ours EpsilonPlusFlat"]}
     if case in VIT: ours = {"ours CP-LRP epsilon": (Uniform(Epsilon(1e-6)), 0.0, "pred"),
                             "ours AttnLRP epsilon": (Uniform(Epsilon(1e-6), attention_rule="attnlrp"), 0.0, "pred"),
-                            "ours CP-LRP, Gamma on linears": (Uniform(Gamma(LXT_GAMMA)), 0.0, "pred")}
+                            "ours CP-LRP, Gamma on linears": (Uniform(Gamma(LXT_GAMMA)), 0.0, "pred"),
+                            "ours CP-LRP, Gamma as LXT's recipe": (lxt_like(model), 0.0, "pred")}
     for name, (comp, top_k, target) in ours.items():
         lrp = LRPModel(model, composite=comp, top_k=top_k)
         out[name] = (lambda lrp=lrp, target=target: lrp.explain(x, target=target)[0])
@@ -142,6 +144,16 @@ def methods(model, x, case="vgg11"):
     except ImportError:
         pass
     return out
+
+
+def lxt_like(model):
+    """Ours with exactly what LXT's recipe computes (tests/test_lxt_parity.py checks the relevance to 1e-14): Gamma on the
+    linear layers whose forward runs, the attention's projections (called inside F.multi_head_attention_forward, where no
+    Zennit hook fires) with the gradient's rule, LRP-0, and no stabiliser on sums, constants, norms and attention."""
+    attn = {f"encoder.layers.encoder_layer_{i}.self_attention.linear_{j}": Epsilon(0.)
+            for i in range(len(model.encoder.layers)) for j in (2, 3)}
+    return Uniform(Gamma(LXT_GAMMA), constant_rule=Norm(0.), norm_rule=CentredNorm(0.), sum_rule=Norm(0.),
+                   attention_rule=CPAttention(0.), name_map=attn)
 
 
 def lxt_recipe(model, x):
@@ -242,10 +254,11 @@ def run_speed(case, reps, warmup):
         rows["LXT recipe (subprocess)"] = dict(median_s=lt, img_s=len(x) / lt, x_gradient=lt / lg, gradient_s=lg)
         print(f"{'gradient (LXT subprocess)':{w}} {lg:9.3f} {len(x) / lg:8.1f} {1:20.2f}")
         print(f"{'LXT recipe (subprocess)':{w}} {lt:9.3f} {len(x) / lt:8.1f} {lt / lg:20.2f}  (x its own gradient, medians)")
-        ours = rows.get("ours CP-LRP, Gamma on linears")
-        if ours:  # > 1: ours faster; the second ratio divides out the load, which may change between the two processes
-            print(f"LXT recipe / ours CP-LRP, Gamma on linears: {lt / ours['median_s']:.2f} (medians), "
-                  f"{(lt / lg) / ours['x_gradient']:.2f} (each over its own gradient)")
+        for n in ("ours CP-LRP, Gamma on linears", "ours CP-LRP, Gamma as LXT's recipe"):
+            ours = rows.get(n)
+            if ours:  # > 1: ours faster; the second ratio divides out the load, which may change between the two processes
+                print(f"LXT recipe / {n}: {lt / ours['median_s']:.2f} (medians), "
+                      f"{(lt / lg) / ours['x_gradient']:.2f} (each over its own gradient)")
     return rows
 
 

@@ -23,6 +23,14 @@ attention patches do; the plain gradient elsewhere, then gradient x input) -- ag
 `Uniform(Epsilon(0.), attention_rule='attnlrp')` on the block written with plain torch ops. LXT's epsilons are set to
 0 where they exist: `linear_epsilon(..., epsilon=0.)` (default 1e-6) and `matmul(..., epsilon=0.)` (default 1e-8); its
 softmax rule and `divide_gradient` have none.
+
+Gamma: LXT's own ViT recipe (its examples/vit_torch.py: the `cp_LRP` patches, `monkey_patch_zennit`, Zennit's `Gamma(0.25)`
+on every `nn.Linear` and `nn.Conv2d` whose forward runs) against ours, `Uniform(Gamma(0.25))` with LXT's conventions
+elsewhere: the attention's projections, which LXT's recipe leaves to the gradient (torchvision calls them inside
+`F.multi_head_attention_forward`, no hook fires), get `Epsilon(0.)` by name, and the residual sums and the attention
+no stabiliser. LXT's patch of Zennit's hook divides each Gamma layer's input relevance by `stabilize(x, 1e-10)`
+(relative error 1e-10 / |x| per element, 1e-8 of the largest value here); the test divides by x itself, which has no
+zeros here.
 """
 import json, os, subprocess, sys, textwrap
 from pathlib import Path
@@ -147,3 +155,55 @@ def test_attnlrp_matches_lxt_on_one_attention_block():
     assert max(res["explicit"]) <= TOL, res  # LXT's explicit AttnLRP rules, epsilons 0
     assert max(res["efficient"]) <= TOL, res  # LXT's efficient AttnLRP (divide_gradient, gradient x input)
     assert min(res["cp_vs_explicit"]) >= 1e-3, res  # the comparison tells the two attention rules apart
+
+
+GAMMA_SCRIPT = textwrap.dedent("""
+    import json, torch, torch.nn as nn, torchvision
+    import lxt
+    assert lxt.__file__.startswith(%r), lxt.__file__
+    import zennit.rules as zr
+    from zennit.composites import LayerMapComposite
+    from lxt.efficient import monkey_patch, monkey_patch_zennit
+    from lxt.efficient.models.vit_torch import cp_LRP
+    from lxt.efficient.rules import identity_rule_implicit_fn
+    from lrp_scratch.lrp import LRPModel, Uniform, Gamma, Epsilon, Norm, CentredNorm, CPAttention
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(weights=None, image_size=64).double().eval()
+    with torch.no_grad():
+        model.heads.head.weight.normal_(0, 0.02)
+        for n, p in model.named_parameters():  # every constant non-zero: biases, LayerNorm shifts, the class token
+            if n.endswith('bias') or n.endswith('class_token'): p.normal_(0, 0.01)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    # LXT's recipe gives Zennit's Gamma to the nn.Linear and nn.Conv2d modules whose forward runs; the attention's
+    # projections are called inside F.multi_head_attention_forward (no hook fires): the plain gradient, LRP-0
+    attn = {f'encoder.layers.encoder_layer_{i}.self_attention.linear_{j}': Epsilon(0.) for i in range(12) for j in (2, 3)}
+    # LXT's residual sums and attention are the plain gradient: no stabiliser there (ours defaults to 1e-6 unless epsilon)
+    comp = Uniform(Gamma(0.25), constant_rule=Norm(0.), norm_rule=CentredNorm(0.), sum_rule=Norm(0.),
+                   attention_rule=CPAttention(0.), name_map=attn)
+    ours, out = LRPModel(model, composite=comp).explain(x, target='pred')
+    plain = LRPModel(model, composite=Uniform(Epsilon(0.), constant_rule=Norm(0.), norm_rule=CentredNorm(0.))).explain(x, target='pred')[0]
+    monkey_patch(torchvision.models.vision_transformer, cp_LRP)
+    monkey_patch_zennit()
+    identity_rule_implicit_fn.forward.__defaults__ = (0.0,)  # LXT's GELU rule without its epsilon (ours has none)
+    # its patch of Zennit's hooks divides each Gamma layer's input relevance by stabilize(x, 1e-10) (gradient x input):
+    # a relative error of 1e-10 / |x| per element; x itself (no stabiliser) where no x is 0, as here
+    import lxt.efficient.zennit_patches as zp
+    zp.stabilize = lambda t, epsilon=0., **kw: t
+    lxt_comp = LayerMapComposite([(nn.Conv2d, zr.Gamma(0.25)), (nn.Linear, zr.Gamma(0.25))])
+    lxt_comp.register(model)
+    xg = x.clone().requires_grad_(True)
+    y = model(xg)
+    y.gather(1, y.argmax(1)[:, None]).sum().backward()
+    lxt_comp.remove()
+    theirs = (x * xg.grad).detach()
+    worst = lambda a: [float((a[n] - theirs[n]).abs().max() / theirs[n].abs().max()) for n in range(len(x))]
+    print(json.dumps(dict(gamma=worst(ours), lrp0_vs_gamma=worst(plain), out=float((out - y.detach()).abs().max()))))
+""")
+
+
+@pytest.mark.skipif(DIR is None, reason="LXT is not installed (set LRP_SCRATCH_LXT_PATH, see the module docstring)")
+def test_gamma_matches_lxt_recipe_on_vit_b_16():
+    res = run_with_lxt(GAMMA_SCRIPT)
+    assert res["out"] <= 1e-12, res
+    assert max(res["gamma"]) <= TOL, res  # Zennit's five-pass Gamma in LXT's recipe: the same relevance, to rounding
+    assert min(res["lrp0_vs_gamma"]) >= 1e-3, res  # the comparison tells Gamma from LRP-0
