@@ -30,7 +30,7 @@ NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, 
 GRADIENT_TYPES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.ZeroPad1d,
                   nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d,
                   nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
-                  nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle,
+                  nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle, nn.Unfold,
                   nn.AlphaDropout) + MAXPOOL_TYPES  # their gradient is the relevance flow we want
 
 def linear_fn(module: nn.Module) -> Callable:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08f_lrp_attention.ipynb #a7e11c21
 from __future__ import annotations
-import copy
+import copy, math
 import torch
 from .lrp import LRPModel, Rule, get_composite
 from .lrp_graph import Op
@@ -42,8 +42,15 @@ def absorbed(lrp: LRPModel, # the model to explain, with its composite
     comp = copy.copy(comp)
     comp.name_map = cats | dict(comp.name_map)
     r, out, layers = lrp.explain(x, target, composite=comp, return_layers=True)
+    tensors = (t for lr in layers.values() for t in (lr.output, *(lr.input if isinstance(lr.input, tuple) else (lr.input,))))
+    if len(x) > 1 and any(t.dim() and t.shape[0] != len(x) for t in tensors):
+        # an op folds the batch into another dimension (TNT's pixel tokens, (N * patches, ...)): one sample at a time
+        one = lambda i: target[i:i + 1] if isinstance(target, torch.Tensor) and target.numel() > 1 else target
+        parts = [absorbed(lrp, x[i:i + 1], one(i), composite, tol=-math.inf) for i in range(len(x))]
+        shares = {k: torch.cat([p.get(k, torch.zeros(1, dtype=r.dtype, device=r.device)) for p in parts]) for k in parts[0]}
+        return {k: v for k, v in shares.items() if k in ('input', 'other') or v.abs().max() > tol}
     total = _explained(out, target)
-    per = lambda t: t.flatten(1).sum(1) if t.dim() > 1 else t.reshape(-1, 1).sum(1)
+    per = lambda t: t.reshape(len(x), -1).sum(1)  # per sample (batch first, or one sample with the batch folded in)
     shares = {}
     for name, lr in layers.items():
         r_in = sum(per(t) for t in lr.input) if isinstance(lr.input, tuple) else per(lr.input)

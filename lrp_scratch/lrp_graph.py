@@ -164,17 +164,18 @@ def _squashed(root, n: fx.Node, path: set) -> bool:
 SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax, 'softmax'}
 
 def _softmaxed(root, n: fx.Node, path: set) -> bool:
-    "Is n the output of a softmax, up to data movement, dropout and constants (attention probabilities)?"
+    "Is n the output of a softmax, up to data movement, dropout, constants and linear maps with constant weights (attention probabilities, mixed across heads as talking-heads attention does)?"
     while True:
         if n.op == 'call_module':
             m = _module_of(root, n)
             if isinstance(m, nn.Softmax): return True
-            if isinstance(m, (nn.Dropout, nn.Identity)) and n.args and isinstance(n.args[0], fx.Node): n = n.args[0]; continue
+            through = isinstance(m, (nn.Dropout, nn.Identity)) or (isinstance(m, nn.Linear) and standard(m))
+            if through and n.args and isinstance(n.args[0], fx.Node): n = n.args[0]; continue
             return False
         if n.op in ('call_function', 'call_method') and n.target in SOFTMAX_FUNCTIONS: return True
         k = op_kind(n)
         ins = [a for a in n.all_input_nodes if a in path]
-        if len(ins) == 1 and k in ('move', 'identity', 'mul', 'div'): n = ins[0]; continue
+        if len(ins) == 1 and k in ('move', 'identity', 'mul', 'div', 'linear'): n = ins[0]; continue
         return False
 
 def _bilinear(root, n: fx.Node, a: fx.Node, b: fx.Node, path: set, attention: str, fn, args: tuple):

@@ -278,7 +278,8 @@ OP_KINDS = {
 GRADIENT_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.swapaxes, torch.movedim,
                       torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, torch.unbind, torch.narrow, torch.select,
                       torch.t, torch.stack, operator.getitem, torch.clone, torch.unflatten, torch.roll, torch.flip, F.pad,
-                      F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle, torch.tensor_split, torch.hsplit, torch.vsplit}
+                      F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle, torch.tensor_split, torch.hsplit, torch.vsplit,
+                      F.unfold}
 GRADIENT_METHODS = {'view', 'view_as', 'reshape', 'reshape_as', 'flatten', 'unflatten', 'permute', 'transpose', 'swapaxes',
                     'movedim', 't', 'contiguous', 'chunk', 'split', 'unbind', 'squeeze', 'unsqueeze', 'expand', 'expand_as',
                     'repeat', 'narrow', 'select', 'clone', 'to', 'type_as', 'float', 'double', 'half', 'bfloat16', 'roll', 'flip',
