@@ -169,7 +169,7 @@ def _softmaxed(root, n: fx.Node, path: set) -> bool:
         if n.op == 'call_module':
             m = _module_of(root, n)
             if isinstance(m, nn.Softmax): return True
-            through = isinstance(m, (nn.Dropout, nn.Identity)) or (isinstance(m, nn.Linear) and standard(m))
+            through = isinstance(m, (nn.Dropout, nn.Identity)) or (isinstance(m, LINEAR_TYPES) and standard(m))  # talking heads: nn.Linear or a 1x1 conv
             if through and n.args and isinstance(n.args[0], fx.Node): n = n.args[0]; continue
             return False
         if n.op in ('call_function', 'call_method') and n.target in SOFTMAX_FUNCTIONS: return True
