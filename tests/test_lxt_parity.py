@@ -42,13 +42,9 @@ DIR = os.environ.get("LRP_SCRATCH_LXT_PATH")
 TOL = 1e-8  # max |ours - LXT| / max |LXT| per sample, float64, LXT's GELU epsilon set to 0 (ours has none)
 SHIPPED_TOL = 1e-4  # LXT as shipped: its GELU rule divides by x + 1e-10, a relative error of 1e-10 / |x| per element
 
-SCRIPT = textwrap.dedent("""
-    import json, sys, torch, torchvision
-    import lxt
-    assert lxt.__file__.startswith(%r), lxt.__file__
-    from lxt.efficient import monkey_patch
-    from lxt.efficient.models.vit_torch import cp_LRP
-    from lrp_scratch.lrp import LRPModel, Uniform, Epsilon, Norm, CentredNorm
+# torchvision's ViT-B/16 on 64x64 inputs, float64, random head, every constant non-zero (biases, LayerNorm shifts, the
+# class token): `model` and `x` of the ViT comparisons
+VIT_B_16 = textwrap.dedent("""
     torch.manual_seed(0)
     model = torchvision.models.vit_b_16(weights=None, image_size=64).double().eval()
     with torch.no_grad():
@@ -56,6 +52,16 @@ SCRIPT = textwrap.dedent("""
         for n, p in model.named_parameters():  # every constant non-zero: biases, LayerNorm shifts, the class token
             if n.endswith('bias') or n.endswith('class_token'): p.normal_(0, 0.01)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+""")
+
+SCRIPT = textwrap.dedent("""
+    import json, sys, torch, torchvision
+    import lxt
+    assert lxt.__file__.startswith(%r), lxt.__file__
+    from lxt.efficient import monkey_patch
+    from lxt.efficient.models.vit_torch import cp_LRP
+    from lrp_scratch.lrp import LRPModel, Uniform, Epsilon, Norm, CentredNorm
+""") + VIT_B_16 + textwrap.dedent("""
     comp = Uniform(Epsilon(0.), constant_rule=Norm(0.), norm_rule=CentredNorm(0.))
     ours, out = LRPModel(model, composite=comp).explain(x, target='pred')
     monkey_patch(torchvision.models.vision_transformer, cp_LRP)
@@ -167,13 +173,7 @@ GAMMA_SCRIPT = textwrap.dedent("""
     from lxt.efficient.models.vit_torch import cp_LRP
     from lxt.efficient.rules import identity_rule_implicit_fn
     from lrp_scratch.lrp import LRPModel, Uniform, Gamma, Epsilon, Norm, CentredNorm, CPAttention
-    torch.manual_seed(0)
-    model = torchvision.models.vit_b_16(weights=None, image_size=64).double().eval()
-    with torch.no_grad():
-        model.heads.head.weight.normal_(0, 0.02)
-        for n, p in model.named_parameters():  # every constant non-zero: biases, LayerNorm shifts, the class token
-            if n.endswith('bias') or n.endswith('class_token'): p.normal_(0, 0.01)
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+""") + VIT_B_16 + textwrap.dedent("""
     # LXT's recipe gives Zennit's Gamma to the nn.Linear and nn.Conv2d modules whose forward runs; the attention's
     # projections are called inside F.multi_head_attention_forward (no hook fires): the plain gradient, LRP-0
     attn = {f'encoder.layers.encoder_layer_{i}.self_attention.linear_{j}': Epsilon(0.) for i in range(12) for j in (2, 3)}
